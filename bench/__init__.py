@@ -1,0 +1,1 @@
+"""MiniCanvas, offline test pipelines and benchmarks."""

@@ -1,0 +1,60 @@
+"""The `conceptguard` command: one entry point, subcommands contributed by each package.
+
+User errors (any ConceptGuardError, a missing file, a bad argument) end in one line on
+stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from patches.errors import ConceptGuardError
+
+EXIT_USER_ERROR = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from patches import patch_cli, registry_cli
+    from server import serve_cli
+
+    parser = argparse.ArgumentParser(
+        prog="conceptguard",
+        description="Safe text-to-image serving with hot-swappable concept-erasure patches.",
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    serve_cli.add_parser(subparsers)
+    patch_cli.add_parser(subparsers)
+    registry_cli.add_parser(subparsers)
+    return parser
+
+
+def _version() -> str:
+    from patches import __version__
+
+    return f"conceptguard {__version__}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # Weights never come from a hub unless the user explicitly allows it.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConceptGuardError as exc:
+        print(f"conceptguard: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        print(f"conceptguard: {exc.strerror}: {exc.filename}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("conceptguard: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

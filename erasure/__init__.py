@@ -1,0 +1,1 @@
+"""Concept-erasure methods that produce ConceptGuard patches."""

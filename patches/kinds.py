@@ -1,0 +1,174 @@
+"""Per-kind rules: which tensor names a kind may hold, how it is checked against a component,
+and how it is applied to / removed from a live pipeline.
+
+Applied patches are recorded on the component module itself (a component may be shared by
+several pipelines, e.g. one CLIP encoder in an SD and a Flux pipeline), as a stack: removal is
+last-in first-out and restores the saved originals, so the base comes back bit-exactly.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from patches.errors import (
+    BadTensorEntry,
+    BadTensorNames,
+    ShapeMismatch,
+    UnknownTensorName,
+    WrongTarget,
+)
+from patches.manifest import Manifest
+from patches.targets import base_named_parameters
+
+_LORA_KEY = re.compile(
+    r"^(?P<component>unet|transformer)\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$"
+)
+
+
+@dataclass
+class AppliedPatch:
+    """What it takes to undo one applied patch."""
+
+    patch_id: str
+    kind: str
+    originals: dict[str, torch.Tensor] = field(default_factory=dict)
+    adapter_name: str | None = None
+
+
+def applied_stack(module: torch.nn.Module) -> list[AppliedPatch]:
+    """The patches currently applied to a component, oldest first."""
+    return module.__dict__.setdefault("_conceptguard_applied", [])
+
+
+def _list_names(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+# --- weights: text_encoder and unet_weights (override or delta on named parameters) -------
+
+
+def _parameters_by_name(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return dict(base_named_parameters(module))
+
+
+def verify_weights(tensors: dict[str, torch.Tensor], module: torch.nn.Module, label: str) -> None:
+    params = _parameters_by_name(module)
+    unknown = sorted(n for n in tensors if n not in params)
+    if unknown:
+        example = next(iter(params), "nothing")
+        raise UnknownTensorName(
+            f"the patch edits {len(unknown)} tensor(s) that this {label} does not have: "
+            f"{_list_names(unknown)} (its parameters are named like '{example}')"
+        )
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != tuple(params[name].shape):
+            raise ShapeMismatch(
+                f"tensor '{name}' has shape {list(tensor.shape)} but this {label}'s parameter "
+                f"has shape {list(params[name].shape)}"
+            )
+
+
+def apply_weights(patch_id: str, manifest: Manifest, tensors, module) -> AppliedPatch:
+    params = _parameters_by_name(module)
+    record = AppliedPatch(patch_id, manifest.kind)
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            param = params[name]
+            record.originals[name] = param.detach().clone()
+            value = tensor.to(device=param.device)
+            if manifest.mode == "delta":
+                # Add in float32 so a half-precision base does not lose the delta's low bits.
+                value = param.detach().float() + value.float()
+            param.copy_(value.to(param.dtype))
+    return record
+
+
+def remove_weights(record: AppliedPatch, module: torch.nn.Module) -> None:
+    params = _parameters_by_name(module)
+    with torch.no_grad():
+        for name, original in record.originals.items():
+            params[name].copy_(original)
+
+
+# --- unet_lora: diffusers/peft LoRA tensors ------------------------------------------------
+
+
+def lora_pairs(tensors: dict[str, torch.Tensor], component: str) -> dict[str, tuple]:
+    """Group LoRA tensors by module path; checks naming and rank consistency."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        match = _LORA_KEY.match(name)
+        if not match or match["component"] != component:
+            raise BadTensorNames(
+                f"tensor '{name}' is not a LoRA weight of the {component}; expected names like "
+                f"'{component}.<module path>.lora_A.weight' / '.lora_B.weight'"
+            )
+        groups.setdefault(match["module"], {})[match["ab"]] = tensor
+    pairs = {}
+    for module_path, ab in groups.items():
+        if set(ab) != {"A", "B"}:
+            missing = "lora_B" if "A" in ab else "lora_A"
+            raise BadTensorNames(f"'{module_path}' has no {missing}.weight; LoRA comes in pairs")
+        a, b = ab["A"], ab["B"]
+        if a.dim() not in (2, 4) or b.dim() != a.dim() or a.shape[0] != b.shape[1]:
+            raise BadTensorEntry(
+                f"'{module_path}': lora_A {list(a.shape)} and lora_B {list(b.shape)} do not "
+                "form a LoRA pair (expected A [rank, in] and B [out, rank])"
+            )
+        pairs[module_path] = (a, b)
+    return pairs
+
+
+def verify_lora(manifest: Manifest, tensors, module: torch.nn.Module) -> None:
+    component = manifest.target.component
+    modules = {n.replace(".base_layer", ""): m for n, m in module.named_modules()}
+    for path, (a, b) in lora_pairs(tensors, component).items():
+        target = modules.get(path)
+        if isinstance(target, torch.nn.Linear):
+            fan_in, fan_out = target.in_features, target.out_features
+        elif isinstance(target, torch.nn.Conv2d):
+            fan_in, fan_out = target.in_channels, target.out_channels
+        elif target is not None and hasattr(target, "base_layer"):
+            base = target.base_layer
+            fan_in = getattr(base, "in_features", getattr(base, "in_channels", None))
+            fan_out = getattr(base, "out_features", getattr(base, "out_channels", None))
+        else:
+            raise UnknownTensorName(
+                f"the LoRA adapts '{path}', which is not a Linear or Conv2d layer of this "
+                f"{component}"
+            )
+        if a.shape[1] != fan_in or b.shape[0] != fan_out:
+            raise ShapeMismatch(
+                f"the LoRA for '{path}' maps {a.shape[1]} -> {b.shape[0]} features but the "
+                f"layer maps {fan_in} -> {fan_out}"
+            )
+
+
+def _lora_adapters(module: torch.nn.Module) -> list[str]:
+    return [r.adapter_name for r in applied_stack(module) if r.adapter_name]
+
+
+def apply_lora(patch_id: str, tensors, pipe, module) -> AppliedPatch:
+    if not hasattr(pipe, "load_lora_weights"):
+        raise WrongTarget(f"{type(pipe).__name__} cannot load LoRA adapters")
+    name = f"cg_{patch_id[:16]}"
+    if name in _lora_adapters(module):
+        raise WrongTarget(f"patch {patch_id[:12]} is already applied to this pipeline")
+    # Scale is folded into lora_B when a patch is made, so the adapter runs at weight 1.
+    pipe.load_lora_weights({k: v.clone() for k, v in tensors.items()}, adapter_name=name)
+    pipe.set_adapters([*_lora_adapters(module), name])
+    return AppliedPatch(patch_id, "unet_lora", adapter_name=name)
+
+
+def remove_lora(record: AppliedPatch, pipe, module) -> None:
+    remaining = [n for n in _lora_adapters(module) if n != record.adapter_name]
+    if remaining:
+        pipe.delete_adapters(record.adapter_name)
+        pipe.set_adapters(remaining)
+    else:
+        # The last adapter: unwrap peft's layers too, so the module tree is the base's again.
+        pipe.unload_lora_weights()

@@ -1,0 +1,98 @@
+"""`conceptguard patch inspect|verify`: look at a patch file, check it against a model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+from patches.patch import Patch
+
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("patch", help="inspect or verify a patch file")
+    commands = parser.add_subparsers(dest="patch_command", metavar="COMMAND", required=True)
+
+    inspect = commands.add_parser("inspect", help="validate a patch file and show its manifest")
+    inspect.add_argument("file")
+    inspect.add_argument("--json", action="store_true", help="print JSON")
+    inspect.set_defaults(func=inspect_command)
+
+    verify = commands.add_parser("verify", help="check a patch against a model folder")
+    verify.add_argument("file")
+    verify.add_argument("--model", required=True, help="diffusers pipeline folder or hub id")
+    verify.add_argument("--dtype", choices=_DTYPES, default="float32")
+    verify.add_argument("--json", action="store_true", help="print JSON")
+    verify.set_defaults(func=verify_command)
+
+
+def describe(patch: Patch) -> dict[str, Any]:
+    """A JSON-ready summary of a validated patch."""
+    return {
+        "id": patch.id,
+        "file_bytes": len(patch.to_bytes()),
+        "tensor_bytes": patch.nbytes,
+        "manifest": json.loads(patch.manifest.to_json()),
+        "tensors": [
+            {"name": n, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+            for n, t in sorted(patch.tensors.items())
+        ],
+    }
+
+
+def _print_summary(info: dict[str, Any]) -> None:
+    m = info["manifest"]
+    rows = [
+        ("id", info["id"]),
+        ("kind", f"{m['kind']} ({m['mode']})"),
+        ("method", m["method"]),
+        ("name", m.get("name") or "-"),
+        ("concepts", ", ".join(m["concepts"])),
+        ("target", f"{m['target']['family']} / {m['target']['component']}"),
+        ("base fingerprint", ", ".join(f"{k} {v[:12]}" for k, v in m["base_fingerprint"].items())),
+        ("created", f"{m['created_at']} by conceptguard {m['conceptguard_version']}"),
+        ("size", f"{info['file_bytes']} bytes, {len(info['tensors'])} tensors"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    if m.get("params"):
+        print(f"{'params':<{width}}  {json.dumps(m['params'], sort_keys=True)}")
+    print()
+    name_width = max(len(t["name"]) for t in info["tensors"])
+    for t in info["tensors"]:
+        print(f"  {t['name']:<{name_width}}  {t['dtype']:<9} {t['shape']}")
+
+
+def inspect_command(args: argparse.Namespace) -> int:
+    info = describe(Patch.load(args.file))
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        _print_summary(info)
+    return 0
+
+
+def verify_command(args: argparse.Namespace) -> int:
+    from patches.loading import load_pipeline
+
+    patch = Patch.load(args.file)
+    started = time.perf_counter()
+    pipe = load_pipeline(args.model, dtype=args.dtype)
+    patch.verify(pipe)
+    result = {
+        "ok": True,
+        "id": patch.id,
+        "model": args.model,
+        "component": patch.manifest.target.component,
+        "dtype": args.dtype,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"ok: patch {patch.id[:12]} fits {args.model} ({result['component']}, {args.dtype})")
+    return 0

@@ -1,0 +1,1 @@
+"""The ConceptGuard LitServe server: HTTP API, tenants, per-worker patch runtime, metrics."""

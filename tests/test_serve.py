@@ -1,0 +1,121 @@
+"""`conceptguard serve` as a real process group: generation over HTTP, bounds, shutdown."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+from server_process import port_is_open, start_server
+
+GENERATE = "/v1/images/generations"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    # No --model: the embedded default model, built into a fresh cache like on a new machine.
+    folder = tmp_path_factory.mktemp("serve")
+    running = start_server(
+        ["--workers", "2"], folder / "server.log", env={"CONCEPTGUARD_CACHE": str(folder)}
+    )
+    yield running
+    running.stop()
+
+
+def _image(item: dict) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))))
+
+
+def test_generates_deterministic_pngs(server):
+    body = {"prompt": "a red circle", "seed": 3, "steps": 3, "n": 2}
+    first = requests.post(server.url + GENERATE, json=body, timeout=120)
+    assert first.status_code == 200, first.text
+    data = first.json()["data"]
+    assert len(data) == 2
+    images = [_image(item) for item in data]
+    assert images[0].shape == (64, 64, 3)
+    second = requests.post(server.url + GENERATE, json=body, timeout=120).json()["data"]
+    assert all(np.array_equal(a, _image(b)) for a, b in zip(images, second, strict=True))
+    assert first.json()["conceptguard"]["seed"] == 3
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "x" * 1001}, "prompt"),
+        ({"prompt": "a", "n": 9}, "n:"),
+        ({"prompt": "a", "size": "4096x4096"}, "multiple of 8 between"),
+        ({"prompt": "a", "size": "big"}, "WIDTHxHEIGHT"),
+        ({"prompt": "a", "steps": 1000}, "steps"),
+        ({"prompt": "a", "response_format": "url"}, "response_format"),
+        ({"prompt": "a", "tenant": "someone-else"}, "tenant"),
+    ],
+)
+def test_bad_requests_get_400_with_a_reason(server, body, reason):
+    response = requests.post(server.url + GENERATE, json=body, timeout=60)
+    assert response.status_code == 400
+    assert reason in response.json()["detail"]
+
+
+def test_official_openai_client(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    result = client.images.generate(
+        prompt="a blue square",
+        n=1,
+        size="64x64",
+        response_format="b64_json",
+        extra_body={"seed": 5, "steps": 3},
+    )
+    assert _image(result.data[0].model_dump()).shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signals_stop_every_process_and_free_the_port(sig, tmp_path, sd_model_path):
+    running = start_server(
+        ["--workers", "2", "--model", str(sd_model_path)], tmp_path / "server.log"
+    )
+    pgid = running.process.pid
+    running.process.send_signal(sig)
+    assert running.process.wait(timeout=60) == 0
+    # Nothing of the group is left (multiprocessing's resource tracker may need a moment
+    # after the main process to notice), and nothing holds the port.
+    deadline = time.monotonic() + 20
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _group_alive(pgid), subprocess.run(
+        ["ps", "-o", "pid,stat,cmd", "-g", str(pgid)], capture_output=True, text=True
+    ).stdout
+    assert not port_is_open(running.port)
+    assert "server stopped" in running.log.read_text()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_bad_model_is_refused_before_serving(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "conceptguard.cli", "serve", "--model", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 2
+    assert "no model_index.json" in result.stderr
+    assert "Traceback" not in result.stderr
