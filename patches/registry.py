@@ -1,0 +1,119 @@
+"""The patch registry: a versioned, content-addressed store of patches and tenant stacks.
+
+`Registry` is the small interface every backend implements (a local directory now, an
+S3-compatible bucket later). Records crossing it are frozen dataclasses with `to_dict()` for
+JSON output. Every write bumps one registry-wide `generation`, which server workers poll
+before each batch to learn that something changed.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from patches.errors import RegistryError
+from patches.registry_records import (
+    HISTORY_LIMIT,
+    PatchRecord,
+    StackEntry,
+    TenantRecord,
+    resolve_ref,
+)
+
+if TYPE_CHECKING:
+    from patches.patch import Patch
+
+__all__ = [
+    "HISTORY_LIMIT",
+    "PatchRecord",
+    "Registry",
+    "StackEntry",
+    "TenantRecord",
+    "open_registry",
+    "resolve_ref",
+]
+
+
+# --- the interface ---------------------------------------------------------------------
+
+
+class Registry(ABC):
+    """A versioned store of patches and per-tenant stacks. Every write bumps `generation`."""
+
+    @abstractmethod
+    def generation(self) -> int:
+        """The current registry generation; cheap enough to call before every batch."""
+
+    @abstractmethod
+    def put_patch(
+        self,
+        data: bytes,
+        name: str | None = None,
+        check: Callable[[Patch], None] | None = None,
+    ) -> PatchRecord:
+        """Validate `data` (and run `check`) before writing anything; register it as a new
+        version of `name`. Identical bytes return the existing record unchanged."""
+
+    @abstractmethod
+    def get_patch_bytes(self, ref: str) -> bytes:
+        """The stored file bytes of the patch `ref` names."""
+
+    @abstractmethod
+    def load_patch(self, ref: str) -> Patch:
+        """The patch `ref` names, re-validated and checked against its id."""
+
+    @abstractmethod
+    def patch_record(self, ref: str) -> PatchRecord:
+        """The record of the patch `ref` names."""
+
+    @abstractmethod
+    def list_patches(self) -> list[PatchRecord]:
+        """All patches, sorted by name then version."""
+
+    @abstractmethod
+    def resolve(self, ref: str) -> str:
+        """The patch id `ref` names (see `resolve_ref` for the accepted forms)."""
+
+    @abstractmethod
+    def delete_patch(self, ref: str) -> PatchRecord:
+        """Remove a patch no tenant's current stack uses; returns its former record."""
+
+    @abstractmethod
+    def set_tenant(self, tenant: str, refs: Sequence[str]) -> TenantRecord:
+        """Make `refs` (resolved to ids, applied in order) the tenant's stack."""
+
+    @abstractmethod
+    def get_tenant(self, tenant: str) -> TenantRecord:
+        """The tenant's record."""
+
+    @abstractmethod
+    def list_tenants(self) -> list[TenantRecord]:
+        """All tenants, sorted by name."""
+
+    @abstractmethod
+    def delete_tenant(self, tenant: str) -> None:
+        """Forget a tenant and its history."""
+
+    @abstractmethod
+    def rollback_tenant(self, tenant: str, to_generation: int | None = None) -> TenantRecord:
+        """Go back to the previous stack, or to the stack recorded at `to_generation`."""
+
+    @abstractmethod
+    def check(self) -> list[str]:
+        """Consistency problems found in the stored state (empty when consistent)."""
+
+
+def open_registry(location: str | Path) -> Registry:
+    """The registry at `location`: a local directory (created if missing)."""
+    text = str(location)
+    scheme, sep, _ = text.partition("://")
+    if sep:
+        raise RegistryError(
+            f"registry location {text!r}: {scheme}:// registries are not supported yet; "
+            "give a local directory path"
+        )
+    from patches.local_registry import LocalRegistry
+
+    return LocalRegistry(Path(text))

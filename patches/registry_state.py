@@ -1,0 +1,119 @@
+"""The registry's state document: one JSON object that a write replaces as a whole.
+
+A backend stores it atomically (a local file now, an object in a bucket later); every
+consistency rule that needs no patch bytes lives here so that each backend shares it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from patches.errors import InvalidName
+from patches.registry_records import PatchRecord, TenantRecord, check_tenant_name
+
+STATE_FORMAT = 1
+_ID = re.compile(r"[0-9a-f]{64}")
+_KEYS = {"format", "generation", "patches", "tenants", "versions"}
+
+
+@dataclass(frozen=True)
+class RegistryState:
+    generation: int = 0
+    patches: dict[str, PatchRecord] = field(default_factory=dict)
+    tenants: dict[str, TenantRecord] = field(default_factory=dict)
+    # Highest version ever given to each name, so a deleted name@N is never reused for
+    # other content.
+    versions: dict[str, int] = field(default_factory=dict)
+
+    def next(self, **changes: Any) -> RegistryState:
+        """This state with `changes` applied, as written by the next write."""
+        return replace(self, generation=self.generation + 1, **changes)
+
+    def next_version(self, name: str) -> int:
+        current = max((r.version for r in self.patches.values() if r.name == name), default=0)
+        return 1 + max(current, self.versions.get(name, 0))
+
+    def to_json(self) -> bytes:
+        document = {
+            "format": STATE_FORMAT,
+            "generation": self.generation,
+            "patches": {pid: record.to_dict() for pid, record in self.patches.items()},
+            "tenants": {name: record.to_dict() for name, record in self.tenants.items()},
+            "versions": self.versions,
+        }
+        # Compact on purpose: only then does json use its C encoder (writes stay fast).
+        return json.dumps(document, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, text: bytes) -> RegistryState:
+        """Parse, refusing anything not exactly as `to_json` writes it (ValueError)."""
+        document = json.loads(text)
+        if not isinstance(document, dict) or document.get("format") != STATE_FORMAT:
+            raise ValueError(f"expected a JSON object with format {STATE_FORMAT}")
+        if set(document) != _KEYS:
+            raise ValueError(f"expected exactly the keys {', '.join(sorted(_KEYS))}")
+        generation = document["generation"]
+        if type(generation) is not int or generation < 0:
+            raise ValueError("generation must be a non-negative integer")
+        patches = {pid: PatchRecord.from_dict(r) for pid, r in document["patches"].items()}
+        tenants = {name: TenantRecord.from_dict(r) for name, r in document["tenants"].items()}
+        versions = document["versions"]
+        if not isinstance(versions, dict) or not all(
+            isinstance(k, str) and type(v) is int for k, v in versions.items()
+        ):
+            raise ValueError("versions must map names to integers")
+        for pid, record in patches.items():
+            if not _ID.fullmatch(pid) or record.id != pid:
+                raise ValueError(f"patch key {pid[:70]!r} is not the record's 64-hex id")
+        for name, tenant in tenants.items():
+            if tenant.tenant != name:
+                raise ValueError(f"tenant key {name!r} differs from its record")
+        return cls(generation, patches, tenants, versions)
+
+
+def state_problems(state: RegistryState) -> list[str]:
+    """Inconsistencies visible in the state alone (patch files are checked by the backend)."""
+    counts = Counter((r.name, r.version) for r in state.patches.values())
+    problems = [f"{n}@{v} is registered {c} times" for (n, v), c in counts.items() if c > 1]
+    problems += [
+        f"{r.ref} is above the highest version recorded for {r.name!r}"
+        for r in state.patches.values()
+        if r.version > state.versions.get(r.name, 0)
+    ]
+    for tenant in state.tenants.values():
+        problems += _tenant_problems(tenant, state)
+    if state.generation < len(state.patches) + len(state.tenants):
+        problems.append(
+            f"generation {state.generation} is below the number of writes its "
+            f"{len(state.patches)} patches and {len(state.tenants)} tenants needed"
+        )
+    return problems
+
+
+def _tenant_problems(tenant: TenantRecord, state: RegistryState) -> list[str]:
+    problems = []
+    try:
+        check_tenant_name(tenant.tenant)
+    except InvalidName as exc:
+        problems.append(str(exc))
+    name = tenant.tenant
+    missing = [pid[:12] for pid in tenant.stack if pid not in state.patches]
+    if missing:
+        problems.append(f"tenant {name!r} uses unregistered patch(es) {', '.join(missing)}")
+    if not tenant.history or tenant.history[-1].stack != tenant.stack:
+        problems.append(f"tenant {name!r}: its last history entry is not its current stack")
+    gens = [entry.generation for entry in tenant.history]
+    if gens != sorted(set(gens)) or any(g > state.generation for g in gens):
+        problems.append(f"tenant {name!r}: history generations are not increasing")
+    if not 0 < tenant.generation <= state.generation:
+        problems.append(f"tenant {name!r}: generation {tenant.generation} is out of range")
+    return problems
+
+
+def unknown_tenant(tenant: str, tenants: dict[str, TenantRecord]) -> str:
+    known = ", ".join(sorted(tenants)[:20]) or "none"
+    return f"no tenant {tenant!r}; known tenants: {known}"
