@@ -80,13 +80,20 @@ def test_official_openai_client(server):
     assert _image(result.data[0].model_dump()).shape == (64, 64, 3)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signals_stop_every_process_and_free_the_port(sig, tmp_path, sd_model_path):
+@pytest.mark.parametrize(
+    ("sig", "whole_group"),
+    [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGINT, True)],
+    ids=["sigterm", "sigint", "ctrl-c-to-the-group"],
+)
+def test_signals_stop_every_process_and_free_the_port(sig, whole_group, tmp_path, sd_model_path):
     running = start_server(
         ["--workers", "2", "--model", str(sd_model_path)], tmp_path / "server.log"
     )
     pgid = running.process.pid
-    running.process.send_signal(sig)
+    if whole_group:  # a terminal's Ctrl+C reaches every process of the foreground group
+        os.killpg(pgid, sig)
+    else:
+        running.process.send_signal(sig)
     assert running.process.wait(timeout=60) == 0
     # Nothing of the group is left (multiprocessing's resource tracker may need a moment
     # after the main process to notice), and nothing holds the port.
