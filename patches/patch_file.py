@@ -153,13 +153,17 @@ def parse_header(data: bytes | memoryview, file_size: int, limits: FileLimits) -
             f"the file is {_human(file_size)}; patches may be at most "
             f"{_human(limits.max_file_bytes)}"
         )
-    head = bytes(data[:8])
-    _refuse_foreign_formats(head)
+    head = bytes(data[:9])
+    header_len = struct.unpack("<Q", head[:8])[0] if file_size >= 8 else 0
+    # Safetensors framing is checked first: a header length such as 0x0280 starts with the
+    # same two bytes as a pickle, and a real patch must never be mistaken for one.
+    framed = file_size >= 9 and head[8:9] == b"{" and 8 + header_len <= file_size
+    if not framed:
+        _refuse_foreign_formats(head)
     if file_size < 8:
         raise TruncatedFile(
             f"the file is {file_size} bytes; a safetensors file starts with an 8-byte header length"
         )
-    (header_len,) = struct.unpack("<Q", head)
     if header_len > limits.max_header_bytes:
         raise HeaderTooLarge(
             f"the header declares {header_len} bytes; at most {limits.max_header_bytes} "

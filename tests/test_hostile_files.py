@@ -317,6 +317,29 @@ def _refusal(case: Case, path, pipe) -> errors.ConceptGuardError:
     return caught.value
 
 
+def test_a_header_length_that_looks_like_pickle_magic_is_still_a_patch(tiny_sd):
+    # Headers of 640, 896, 1152 or 1408 bytes are stored as 80 02..05 00 ...: the first bytes
+    # of a pickle. A real patch with such a header must still load.
+    full = text_encoder_patch(tiny_sd, seed=9)
+    name = sorted(full.tensors)[0]
+    patch = Patch.create(
+        pipe=tiny_sd,
+        kind="text_encoder",
+        component="text_encoder",
+        method="test",
+        concepts=["pickle-lookalike"],
+        tensors={name: full.tensors[name]},
+    )
+    for pad in range(1, 1200):
+        candidate = patch.manifest.model_copy(update={"params": {"pad": "x" * pad}})
+        data = save_safetensors(patch.tensors, metadata={METADATA_KEY: candidate.to_json()})
+        if data[0] == 0x80 and 2 <= data[1] <= 5:
+            break
+    else:
+        pytest.fail("no padding gave a header length that starts like a pickle")
+    assert Patch.from_bytes(data).manifest.params == candidate.params
+
+
 def test_at_least_fifteen_distinct_refusals():
     assert len({c.name for c in CASES}) >= 15
     assert len({c.error for c in CASES}) >= 15
