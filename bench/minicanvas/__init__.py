@@ -1,0 +1,1 @@
+"""MiniCanvas: the offline world where erasure is measured, and its trained model."""
