@@ -17,8 +17,9 @@ EXIT_USER_ERROR = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from bench import bench_cli
     from patches import patch_cli, registry_cli
-    from server import serve_cli
+    from server import client_cli, serve_cli
 
     parser = argparse.ArgumentParser(
         prog="conceptguard",
@@ -27,8 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version())
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     serve_cli.add_parser(subparsers)
-    patch_cli.add_parser(subparsers)
+    client_cli.add_push_parser(patch_cli.add_parser(subparsers))
+    client_cli.add_tenant_parser(subparsers)
     registry_cli.add_parser(subparsers)
+    bench_cli.add_parser(subparsers)
     return parser
 
 

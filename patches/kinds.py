@@ -72,6 +72,19 @@ def verify_weights(tensors: dict[str, torch.Tensor], module: torch.nn.Module, la
             )
 
 
+def combined_value(current: torch.Tensor, tensor: torch.Tensor, mode: str) -> torch.Tensor:
+    """What a parameter holding `current` holds after a weights patch's `tensor` is applied.
+
+    The one rule for override and delta patches, shared by `apply_weights` and the server's
+    per-tenant stacks (patches/stacks.py), so both give bit-identical weights.
+    """
+    value = tensor.to(device=current.device)
+    if mode == "delta":
+        # Add in float32 so a half-precision base does not lose the delta's low bits.
+        value = current.detach().float() + value.float()
+    return value.to(current.dtype)
+
+
 def apply_weights(patch_id: str, manifest: Manifest, tensors, module) -> AppliedPatch:
     params = _parameters_by_name(module)
     record = AppliedPatch(patch_id, manifest.kind)
@@ -79,11 +92,7 @@ def apply_weights(patch_id: str, manifest: Manifest, tensors, module) -> Applied
         for name, tensor in tensors.items():
             param = params[name]
             record.originals[name] = param.detach().clone()
-            value = tensor.to(device=param.device)
-            if manifest.mode == "delta":
-                # Add in float32 so a half-precision base does not lose the delta's low bits.
-                value = param.detach().float() + value.float()
-            param.copy_(value.to(param.dtype))
+            param.copy_(combined_value(param, tensor, manifest.mode))
     return record
 
 

@@ -140,6 +140,9 @@ class LocalRegistry(Registry):
     def _snapshot(self) -> RegistryState:
         return self._read_state(trust_stat=True)
 
+    def snapshot(self) -> RegistryState:
+        return self._snapshot()
+
     def generation(self) -> int:
         return self._snapshot().generation
 

@@ -12,8 +12,10 @@ from patches.patch import Patch
 _DTYPES = ("float32", "float16", "bfloat16")
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("patch", help="inspect or verify a patch file")
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """Add `conceptguard patch`; returns its subcommands, so that other packages can add
+    theirs (the server adds `push`)."""
+    parser = subparsers.add_parser("patch", help="inspect, verify or push a patch file")
     commands = parser.add_subparsers(dest="patch_command", metavar="COMMAND", required=True)
 
     inspect = commands.add_parser("inspect", help="validate a patch file and show its manifest")
@@ -27,6 +29,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     verify.add_argument("--dtype", choices=_DTYPES, default="float32")
     verify.add_argument("--json", action="store_true", help="print JSON")
     verify.set_defaults(func=verify_command)
+    return commands
 
 
 def describe(patch: Patch) -> dict[str, Any]:

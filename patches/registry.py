@@ -24,6 +24,7 @@ from patches.registry_records import (
 
 if TYPE_CHECKING:
     from patches.patch import Patch
+    from patches.registry_state import RegistryState
 
 __all__ = [
     "HISTORY_LIMIT",
@@ -45,6 +46,11 @@ class Registry(ABC):
     @abstractmethod
     def generation(self) -> int:
         """The current registry generation; cheap enough to call before every batch."""
+
+    @abstractmethod
+    def snapshot(self) -> RegistryState:
+        """One consistent view of generation, patch records and tenant records (as cheap as
+        `generation` when nothing changed), so a reader never mixes two generations."""
 
     @abstractmethod
     def put_patch(

@@ -1,22 +1,35 @@
-"""The LitServe API that turns a validated request into images."""
+"""The LitServe API that runs in each inference worker: batches of tenants' requests in,
+one answer per row out.
+
+Before each batch the worker brings its patch runtime up to date with the registry and takes
+one snapshot; every row is served with the stack its tenant has in that snapshot, and the
+response records that stack and the registry generation. A row whose tenant cannot be served
+(fail closed) or whose generation fails gets an error answer; the other rows are unaffected.
+"""
 
 from __future__ import annotations
 
 import base64
 import io
+import logging
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import litserve as ls
 import torch
-from fastapi import HTTPException
-from pydantic import ValidationError
 
-from server.schemas import ImageGenerationRequest
+from patches.errors import ConceptGuardError
+from server.batching_loop import BlockingBatchedLoop
+from server.config import ServerConfig
+from server.errors import payload_for
+from server.generation import Row, generate_batch
+from server.images_spec import ImagesSpec
+from server.schemas import GenerationRecord, ImageData, ImageGenerationResponse, WorkItem
 
-DEFAULT_STEPS = 25
-DEFAULT_GUIDANCE = 4.0
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -26,68 +39,106 @@ class ModelSettings:
     dtype: str = "float32"
 
 
-def _validation_message(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "body"
-        parts.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
-    return "; ".join(parts)
-
-
-def png_base64(image) -> str:
+def png_base64(image: Any) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 class GenerationAPI(ls.LitAPI):
-    """Loads the pipeline once per worker and serves `POST /v1/images/generations`."""
+    """Loads the pipeline and the patch runtime once per worker; serves batches."""
 
-    def __init__(self, settings: ModelSettings):
-        super().__init__(api_path="/v1/images/generations", max_batch_size=1)
+    def __init__(self, settings: ModelSettings, config: ServerConfig, registry_path: str):
+        batched = config.batching.max_batch_size > 1
+        super().__init__(
+            max_batch_size=config.batching.max_batch_size,
+            batch_timeout=config.batching.batch_timeout_s,
+            spec=ImagesSpec(config),
+            loop=BlockingBatchedLoop() if batched else "auto",
+        )
         self.settings = settings
+        self.config = config
+        self.registry_path = registry_path
 
     def setup(self, device: str) -> None:
         from patches.loading import load_pipeline
+        from patches.registry import open_registry
+        from server.metrics import Metrics
+        from server.runtime import PatchRuntime
+        from server.text_encoding import prompt_encoder_for
 
-        # Workers share 2 cores on small machines; one thread per worker avoids oversubscription.
+        # Workers share few cores on small machines; one thread each avoids oversubscription.
         torch.set_num_threads(max(1, int(os.environ.get("CONCEPTGUARD_THREADS", "1"))))
+        self.worker = int(os.environ.get("LITSERVE_WORKER_ID", "0"))
+        self.metrics = Metrics(self.config.tenants, worker=str(self.worker))
         self.pipe = load_pipeline(self.settings.source, self.settings.dtype, self.settings.device)
         self.pipe.set_progress_bar_config(disable=True)
-        self.native_size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        self.encoder = prompt_encoder_for(self.pipe)
+        self.runtime = PatchRuntime(open_registry(self.registry_path), self.pipe, self.metrics)
+        # Build every tenant's stack before this worker reports ready.
+        self.runtime.refresh()
 
-    def decode_request(self, request: dict) -> ImageGenerationRequest:
-        try:
-            return ImageGenerationRequest.model_validate(request)
-        except ValidationError as exc:
-            raise HTTPException(status_code=400, detail=_validation_message(exc)) from None
+    def decode_request(self, request: WorkItem) -> WorkItem:
+        return request
 
-    def predict(self, request: ImageGenerationRequest) -> dict:
-        width, height = request.dimensions(self.native_size)
-        seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(4), "big")
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        started = time.perf_counter()
-        images = self.pipe(
-            request.prompt,
-            negative_prompt=request.negative_prompt,
-            num_images_per_prompt=request.n,
-            num_inference_steps=request.steps or DEFAULT_STEPS,
-            guidance_scale=(
-                request.guidance_scale if request.guidance_scale is not None else DEFAULT_GUIDANCE
-            ),
-            width=width,
-            height=height,
-            generator=generator,
-        ).images
-        return {
-            "images": images,
-            "seed": seed,
-            "seconds": round(time.perf_counter() - started, 4),
-        }
+    def predict(self, x: WorkItem | list[WorkItem]) -> Any:
+        # LitServe hands a single item (not a list) when max_batch_size is 1.
+        items = x if isinstance(x, list) else [x]
+        answers = self._answer_batch(items)
+        return answers if isinstance(x, list) else answers[0]
 
-    def encode_response(self, output: dict) -> dict:
-        return {
-            "created": int(time.time()),
-            "data": [{"b64_json": png_base64(image)} for image in output["images"]],
-            "conceptguard": {"seed": output["seed"], "seconds": output["seconds"]},
-        }
+    def _answer_batch(self, items: list[WorkItem]) -> list[dict[str, Any]]:
+        batch_started = time.time()
+        snapshot = self.runtime.refresh()
+        self.metrics.batch_started(len(items), (batch_started - i.enqueued_at for i in items))
+        answers: list[dict[str, Any]] = [{} for _ in items]
+        rows, row_index, states = [], [], {}
+        for i, item in enumerate(items):
+            try:
+                state = snapshot.state_for(item.tenant)
+                rows.append(Row(item, state.require_ready()))
+            except ConceptGuardError as exc:
+                answers[i] = self._error(exc)
+                continue
+            row_index.append(i)
+            states[i] = state
+        result = generate_batch(self.pipe, self.encoder, rows, self.config.limits)
+        images_by_tenant: Counter[str] = Counter()
+        for i, output in zip(row_index, result.outputs, strict=True):
+            if isinstance(output, ConceptGuardError):
+                answers[i] = self._error(output)
+                continue
+            state, item = states[i], items[i]
+            images_by_tenant[item.tenant] += len(output)
+            record = GenerationRecord(
+                tenant=item.tenant,
+                patches=list(state.stack),
+                generation=snapshot.generation,
+                tenant_generation=state.tenant_generation,
+                seed=item.seed,
+                worker=self.worker,
+                batch_requests=len(items),
+                batch_started_at=batch_started,
+                timings={k: round(v, 4) for k, v in result.timings.items()},
+            )
+            answers[i] = {"status": 200, "images": output, "record": record}
+        self.metrics.batch_done(result.timings, images_by_tenant)
+        if torch.cuda.is_available() and self.settings.device == "cuda":
+            self.metrics.gpu_memory_bytes(torch.cuda.memory_allocated())
+        return answers
+
+    @staticmethod
+    def _error(exc: ConceptGuardError) -> dict[str, Any]:
+        status, body = payload_for(exc)
+        return {"status": status, "body": body}
+
+    def encode_response(self, output: dict[str, Any]) -> dict[str, Any]:
+        """One row's answer for the API process: {"status": code, "body": JSON}."""
+        if "body" in output:
+            return output
+        response = ImageGenerationResponse(
+            created=int(time.time()),
+            data=[ImageData(b64_json=png_base64(image)) for image in output["images"]],
+            conceptguard=output["record"],
+        )
+        return {"status": 200, "body": response.model_dump(exclude_none=True)}

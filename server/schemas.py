@@ -1,49 +1,49 @@
-"""Request and response shapes of the generation API (OpenAI images API + extensions)."""
+"""Shapes crossing the server's boundaries: the public generation request (OpenAI images API
+plus documented extensions), the work item the API process hands to a worker, and the
+response record of what produced the images.
+"""
 
 from __future__ import annotations
 
 import re
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-MAX_PROMPT_CHARS = 1000
-MAX_IMAGES = 4
-MAX_STEPS = 100
-MIN_SIDE, MAX_SIDE = 32, 1024
-_SIZE = re.compile(r"^(\d{1,4})x(\d{1,4})$")
+from server.config import Limits
+from server.errors import InvalidRequest
+
+MAX_SEED = 2**63 - 1
+_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 
 
 class ImageGenerationRequest(BaseModel):
-    """`POST /v1/images/generations`. Fields beyond OpenAI's are documented extensions."""
+    """`POST /v1/images/generations`. Fields beyond OpenAI's are documented extensions.
 
-    model_config = ConfigDict(extra="forbid")
+    Only the shape is checked here; the configured bounds are checked by `parse_request`.
+    There is deliberately no `tenant` field: the tenant comes from the API key alone.
+    """
 
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-    n: int = Field(default=1, ge=1, le=MAX_IMAGES)
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: str
+    n: int = 1
     size: str | None = None
     response_format: Literal["b64_json"] = "b64_json"
     # Accepted for OpenAI-client compatibility; the server serves exactly one model.
     model: str | None = Field(default=None, max_length=200)
     user: str | None = Field(default=None, max_length=200)
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    steps: int | None = None
     guidance_scale: float | None = Field(default=None, ge=0.0, le=30.0)
-    negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str | None = None
 
     @field_validator("size")
     @classmethod
-    def _size(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        match = _SIZE.match(value)
-        if not match:
+    def _size_format(cls, value: str | None) -> str | None:
+        if value is not None and not _SIZE.match(value):
             raise ValueError("size must look like '512x512' (WIDTHxHEIGHT)")
-        for side in (int(match[1]), int(match[2])):
-            if not MIN_SIDE <= side <= MAX_SIDE or side % 8:
-                raise ValueError(
-                    f"each side must be a multiple of 8 between {MIN_SIDE} and {MAX_SIDE}"
-                )
         return value
 
     def dimensions(self, default: int) -> tuple[int, int]:
@@ -51,6 +51,83 @@ class ImageGenerationRequest(BaseModel):
             return default, default
         width, height = self.size.split("x")
         return int(width), int(height)
+
+
+def _validation_message(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "body"
+        parts.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
+    return "; ".join(parts)
+
+
+def _bound_problems(request: ImageGenerationRequest, limits: Limits) -> list[str]:
+    problems = []
+    if not 1 <= len(request.prompt) <= limits.max_prompt_chars:
+        problems.append(
+            f"prompt: must be 1 to {limits.max_prompt_chars} characters (got {len(request.prompt)})"
+        )
+    negative = request.negative_prompt
+    if negative is not None and len(negative) > limits.max_prompt_chars:
+        problems.append(
+            f"negative_prompt: must be at most {limits.max_prompt_chars} characters "
+            f"(got {len(negative)})"
+        )
+    if not 1 <= request.n <= limits.max_images:
+        problems.append(f"n: must be 1 to {limits.max_images} images per request (got {request.n})")
+    if request.steps is not None and not 1 <= request.steps <= limits.max_steps:
+        problems.append(f"steps: must be 1 to {limits.max_steps} (got {request.steps})")
+    if request.size is not None:
+        for side in request.dimensions(0):
+            if not limits.min_side <= side <= limits.max_side or side % 8:
+                problems.append(
+                    f"size: each side must be a multiple of 8 between {limits.min_side} and "
+                    f"{limits.max_side} (got {request.size})"
+                )
+                break
+    return problems
+
+
+def parse_request(body: Any, limits: Limits) -> ImageGenerationRequest:
+    """The validated request, or InvalidRequest naming every field that is wrong."""
+    if isinstance(body, dict) and "tenant" in body:
+        raise InvalidRequest(
+            "tenant: a request may not name a tenant; the tenant is the one its API key belongs to"
+        )
+    try:
+        request = ImageGenerationRequest.model_validate(body)
+    except ValidationError as exc:
+        raise InvalidRequest(_validation_message(exc)) from None
+    problems = _bound_problems(request, limits)
+    if problems:
+        raise InvalidRequest("; ".join(problems))
+    return request
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """What the API process puts on the worker queue: the request plus facts only the API
+    process can establish. `tenant` is set from the authenticated key, never from the body."""
+
+    request_id: str
+    tenant: str
+    request: ImageGenerationRequest
+    seed: int
+    enqueued_at: float  # time.time() in the API process, for the queue-wait metric
+
+
+class GenerationRecord(BaseModel):
+    """What produced a response's images: who, with which stack, from which registry state."""
+
+    tenant: str
+    patches: list[str]  # the applied stack, patch ids in order
+    generation: int  # the registry generation the worker's tenant state was built from
+    tenant_generation: int  # the generation at which the tenant's stack last changed
+    seed: int
+    worker: int
+    batch_requests: int
+    batch_started_at: float  # unix time the worker began the batch, before its registry check
+    timings: dict[str, float]
 
 
 class ImageData(BaseModel):
@@ -61,5 +138,4 @@ class ImageData(BaseModel):
 class ImageGenerationResponse(BaseModel):
     created: int
     data: list[ImageData]
-    # ConceptGuard's record of what produced the images.
-    conceptguard: dict
+    conceptguard: GenerationRecord

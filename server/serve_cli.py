@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import sys
+from pathlib import Path
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -14,12 +15,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--model", help="diffusers pipeline folder or hub id (default: the embedded model)"
     )
+    parser.add_argument(
+        "--registry",
+        help="patch registry directory (default: the config's, else $CONCEPTGUARD_REGISTRY, "
+        "else ./registry)",
+    )
+    parser.add_argument("--config", help="server config file, YAML or JSON (server/config.py)")
     parser.add_argument("--host", default="127.0.0.1", choices=("127.0.0.1", "0.0.0.0", "::"))
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--workers", type=int, default=1, help="inference worker processes")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
-    parser.add_argument("--timeout", type=float, default=300.0, help="queue-wait limit, seconds")
+    parser.add_argument("--timeout", type=float, help="queue-wait limit in seconds (config)")
     parser.set_defaults(func=serve_command)
 
 
@@ -43,28 +50,56 @@ def _install_sigterm_as_interrupt() -> None:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    import litserve as ls
-
-    from patches.loading import load_pipeline
-    from server.default_model import default_model_path
-    from server.generation_api import GenerationAPI, ModelSettings
+    from server.metrics import prepare_multiprocess_dir, remove_multiprocess_dir
 
     if args.workers < 1:
         print("conceptguard: --workers must be at least 1", file=sys.stderr)
         return 2
+    # Before anything imports prometheus_client, in this process and so in every child.
+    metrics_dir = prepare_multiprocess_dir()
+    try:
+        return _serve(args)
+    finally:
+        remove_multiprocess_dir(metrics_dir)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import torch
+
+    from patches.loading import load_pipeline
+    from server.app import build_server
+    from server.config import load_config, with_generated_keys
+    from server.default_model import default_model_path
+    from server.generation_api import ModelSettings
+    from server.text_encoding import prompt_encoder_for
+
+    config = load_config(args.config)
+    if args.timeout is not None:
+        batching = config.batching.model_copy(update={"queue_timeout_s": args.timeout})
+        config = config.model_copy(update={"batching": batching})
+    registry_path = Path(args.registry or config.registry or "registry").resolve()
     source = args.model or str(default_model_path())
+    # One thread here: this process only loads and hashes, and LitServe forks the API process
+    # from it (a forked child must not inherit a busy OpenMP pool).
+    torch.set_num_threads(1)
     # Load once in the parent so a bad model fails here, with a clear message, not in workers.
-    load_pipeline(source, args.dtype, "cpu")
+    pipe = load_pipeline(source, args.dtype, "cpu")
+    prompt_encoder_for(pipe)
+    if not config.has_keys():
+        config, keys = with_generated_keys(config)
+        print(
+            "conceptguard: no API keys configured; keys for this run only:\n"
+            f"  tenant 'default': {keys['default']}\n  admin: {keys['admin']}",
+            flush=True,
+        )
     settings = ModelSettings(source=source, device=args.device, dtype=args.dtype)
-    server = ls.LitServer(
-        GenerationAPI(settings),
-        accelerator=args.device,
-        devices=1,
-        workers_per_device=args.workers,
-        timeout=args.timeout,
-    )
+    server = build_server(settings, config, str(registry_path), pipe, args.workers)
     _install_sigterm_as_interrupt()
-    print(f"conceptguard: serving {source} on http://{args.host}:{args.port}", flush=True)
+    print(
+        f"conceptguard: serving {source} on http://{args.host}:{args.port} "
+        f"(registry {registry_path}, {args.workers} worker(s))",
+        flush=True,
+    )
     # LitServe has already stopped its workers when a KeyboardInterrupt reaches us.
     with contextlib.suppress(KeyboardInterrupt):
         server.run(host=args.host, port=args.port, generate_client_file=False, num_api_servers=1)

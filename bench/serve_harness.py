@@ -1,0 +1,138 @@
+"""A `conceptguard serve` process group for serving benchmarks (loopback only): start it with
+generated keys and a fresh registry, talk to it, find its workers, stop it completely."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from server.config import hash_key
+
+ADMIN_KEY = "bench-admin-key"
+GENERATE = "/v1/images/generations"
+
+
+def tenant_key(tenant: str) -> str:
+    return f"bench-key-{tenant}"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class BenchServer:
+    process: subprocess.Popen
+    port: int
+    log: Path
+    session: requests.Session
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def generate(self, tenant: str, body: dict[str, Any], timeout: float = 300):
+        headers = {"Authorization": f"Bearer {tenant_key(tenant)}"}
+        return requests.post(self.url + GENERATE, json=body, headers=headers, timeout=timeout)
+
+    def admin(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        response = self.session.request(
+            method, self.url + path, headers=headers, timeout=120, **kwargs
+        )
+        if response.status_code >= 300:
+            raise RuntimeError(f"{method} {path}: HTTP {response.status_code}: {response.text}")
+        return response.json()
+
+    def push(self, data: bytes, name: str) -> dict[str, Any]:
+        return self.admin("POST", "/v1/patches", params={"name": name}, data=data)
+
+    def assign(self, tenant: str, stack: list[str]) -> dict[str, Any]:
+        return self.admin("PUT", f"/v1/tenants/{tenant}", json={"patches": stack})
+
+    def worker_pids(self) -> list[int]:
+        """The inference workers: spawned children in the server's process group."""
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            pgid = int(stat.rsplit(")", 1)[1].split()[2])
+            if pgid == self.process.pid and b"spawn_main" in cmdline:
+                pids.append(int(entry.name))
+        return sorted(pids)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=60)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def start_bench_server(
+    folder: Path,
+    model: str,
+    tenants: list[str],
+    workers: int = 2,
+    batching: dict[str, Any] | None = None,
+    extra_args: list[str] | None = None,
+    ready_s: float = 300,
+) -> BenchServer:
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {
+        "tenants": {t: {"keys": [hash_key(tenant_key(t))]} for t in tenants},
+        "admin_keys": [hash_key(ADMIN_KEY)],
+        "batching": batching or {},
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    port = _free_port()
+    log = folder / "server.log"
+    args = [sys.executable, "-m", "conceptguard.cli", "serve", "--port", str(port)]
+    args += ["--model", model, "--workers", str(workers), "--registry", str(folder / "registry")]
+    args += ["--config", str(folder / "config.json"), *(extra_args or [])]
+    with open(log, "w") as handle:
+        process = subprocess.Popen(
+            args,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            start_new_session=True,
+        )
+    server = BenchServer(process, port, log, requests.Session())
+    deadline = time.monotonic() + ready_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()}")
+        with contextlib.suppress(requests.ConnectionError):
+            if requests.get(server.url + "/health", timeout=2).status_code == 200:
+                return server
+        time.sleep(0.25)
+    server.stop()
+    raise RuntimeError(f"server not ready after {ready_s} s:\n{log.read_text()}")

@@ -1,0 +1,89 @@
+"""The server's errors, in the one ConceptGuard hierarchy, and their single mapping to HTTP.
+
+Every refusal the server makes is a `ConceptGuardError` whose class carries `http_status`
+(patches/errors.py); `error_payload` turns any of them into the JSON body every endpoint
+returns, so no code path classifies errors by message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from patches.errors import ConceptGuardError, ModelLoadError, PatchIncompatible
+
+
+class InvalidRequest(ConceptGuardError):
+    """A request body that is not valid JSON, or breaks a documented bound."""
+
+    http_status = 400
+
+
+class Unauthorized(ConceptGuardError):
+    """No API key, or one this server does not know."""
+
+    http_status = 401
+
+
+class Forbidden(ConceptGuardError):
+    """A known key used where its role may not go (a tenant key on an admin route)."""
+
+    http_status = 403
+
+
+class PayloadTooLarge(ConceptGuardError):
+    http_status = 413
+
+
+class UnsupportedPatchKind(PatchIncompatible):
+    """A valid patch of a kind this server cannot serve yet (U-Net patches: issue 6)."""
+
+
+class UnsupportedPipeline(ModelLoadError):
+    """A pipeline family the multi-tenant runtime cannot serve yet."""
+
+
+class StackNotReady(ConceptGuardError):
+    """The tenant's patch stack could not be loaded or verified: fail closed, never serve
+    that tenant from the unpatched model."""
+
+    http_status = 503
+
+
+class RegistryUnavailable(ConceptGuardError):
+    """The worker cannot read the registry, so it cannot know any tenant's stack."""
+
+    http_status = 503
+
+
+class GenerationFailed(ConceptGuardError):
+    """The pipeline raised while generating; the message is logged in full by the worker."""
+
+    http_status = 500
+
+
+# Bounded label values for the refusals metric (never a message or a tenant's input).
+REFUSAL_REASONS: dict[int, str] = {
+    400: "invalid_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    409: "conflict",
+    413: "too_large",
+    422: "incompatible",
+    503: "fail_closed",
+    504: "timeout",
+}
+
+
+def refusal_reason(status: int) -> str:
+    return REFUSAL_REASONS.get(status, "server_error" if status >= 500 else "other")
+
+
+def error_payload(error_type: str, message: str) -> dict[str, Any]:
+    """The body of every error response: FastAPI's `detail` plus OpenAI's `error` object, so
+    both plain HTTP clients and the `openai` client show the reason."""
+    return {"detail": message, "error": {"type": error_type, "message": message}}
+
+
+def payload_for(exc: ConceptGuardError) -> tuple[int, dict[str, Any]]:
+    return exc.http_status, error_payload(type(exc).__name__, str(exc))

@@ -1,0 +1,138 @@
+"""Generating one worker batch: rows of several tenants, one text-encoder forward, one denoiser
+call per group of rows that can share it, one VAE decode per group.
+
+Rows share a denoiser call when they agree on everything the pipeline takes as a scalar (size,
+steps, guidance scale); tenants do not split a batch, because their text-encoder patches are
+already folded into the prompt embeddings. Every image row gets its own generator, seeded from
+its request (image j of a request with seed s uses s + j), so an image does not depend on what
+it was batched with beyond floating-point rounding (see docs/API.md).
+
+Nothing here raises for a row's sake: a group whose pipeline call fails fails its rows only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from patches.errors import ConceptGuardError
+from server.config import Limits
+from server.errors import GenerationFailed
+from server.schemas import WorkItem
+from server.text_encoding import PromptEncoder, TextPlan
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One request of a batch, with the tenant plan its snapshot assigned it."""
+
+    item: WorkItem
+    plan: TextPlan | None
+
+
+@dataclass
+class BatchResult:
+    """Per row: its images, or the error that failed it; plus the batch's stage timings."""
+
+    outputs: list[list[Any] | ConceptGuardError]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _denoise_key(row: Row, limits: Limits, native: int) -> tuple:
+    request = row.item.request
+    guidance = request.guidance_scale
+    return (
+        request.dimensions(native),
+        request.steps or limits.default_steps,
+        limits.default_guidance_scale if guidance is None else guidance,
+    )
+
+
+def _generators(rows: Sequence[Row]) -> list[torch.Generator]:
+    # CPU generators give the same noise whatever device the model runs on.
+    return [
+        torch.Generator(device="cpu").manual_seed(row.item.seed + j)
+        for row in rows
+        for j in range(row.item.request.n)
+    ]
+
+
+def decode_latents(pipe: Any, latents: torch.Tensor) -> list[Any]:
+    """PIL images from SD latents, exactly as StableDiffusionPipeline finishes a call."""
+    with torch.no_grad():
+        image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    return pipe.image_processor.postprocess(
+        image.detach(), output_type="pil", do_denormalize=[True] * image.shape[0]
+    )
+
+
+def _repeat_rows(tensors: dict[str, torch.Tensor], rows: Sequence[int], counts: Sequence[int]):
+    index = torch.tensor([r for r, n in zip(rows, counts, strict=True) for _ in range(n)])
+    return {k: v[index.to(v.device)] for k, v in tensors.items()}
+
+
+def generate_batch(
+    pipe: Any, encoder: PromptEncoder, rows: Sequence[Row], limits: Limits
+) -> BatchResult:
+    """Images for every row (a list per row, in request order) or the row's error."""
+    result = BatchResult(outputs=[GenerationFailed("not generated")] * len(rows))
+    if not rows:
+        return result
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    started = time.perf_counter()
+    texts = [r.item.request.prompt for r in rows] + [
+        r.item.request.negative_prompt or "" for r in rows
+    ]
+    plans = [r.plan for r in rows] * 2
+    try:
+        embeds = encoder.encode(texts, plans)
+    except Exception:
+        logger.exception("text encoding failed for a batch of %d requests", len(rows))
+        result.outputs = [GenerationFailed("text encoding failed")] * len(rows)
+        return result
+    result.timings["text_encode"] = time.perf_counter() - started
+
+    groups: dict[tuple, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(_denoise_key(row, limits, native), []).append(i)
+    result.timings["denoise"] = result.timings["decode"] = 0.0
+    for ((width, height), steps, guidance), members in groups.items():
+        counts = [rows[i].item.request.n for i in members]
+        kwargs = _repeat_rows(embeds, members, counts)
+        if guidance > 1.0:
+            negatives = _repeat_rows(embeds, [len(rows) + i for i in members], counts)
+            kwargs.update({f"negative_{k}": v for k, v in negatives.items()})
+        try:
+            started = time.perf_counter()
+            latents = pipe(
+                **kwargs,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                width=width,
+                height=height,
+                generator=_generators([rows[i] for i in members]),
+                output_type="latent",
+            ).images
+            result.timings["denoise"] += time.perf_counter() - started
+            started = time.perf_counter()
+            images = decode_latents(pipe, latents)
+            result.timings["decode"] += time.perf_counter() - started
+        except Exception:
+            logger.exception("generation failed for %d request(s)", len(members))
+            for i in members:
+                result.outputs[i] = GenerationFailed(
+                    "the pipeline failed while generating this batch; see the server log"
+                )
+            continue
+        offset = 0
+        for i, n in zip(members, counts, strict=True):
+            result.outputs[i] = images[offset : offset + n]
+            offset += n
+    return result

@@ -1,0 +1,194 @@
+"""Prometheus metrics, correct across the API process and every inference worker.
+
+prometheus_client picks its multiprocess value store when it is first imported, from
+PROMETHEUS_MULTIPROC_DIR; so `prepare_multiprocess_dir()` must run in the main process before
+anything imports prometheus_client, and every child (forked API servers, spawned workers)
+inherits the setting. `GET /metrics` merges all processes' files with MultiProcessCollector.
+
+Metrics are created with `registry=None`: in multiprocess mode their values go to the shared
+files whatever registry they are in, and several `Metrics` objects in one process (tests) must
+not collide. Labels are bounded: tenants are the configured ones (anything else is "other"),
+reasons and stages are fixed sets, statuses are HTTP codes; prompts never become labels.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from patches.errors import ConceptGuardError
+from server.errors import refusal_reason
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
+_STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256)
+
+
+def prepare_multiprocess_dir() -> Path:
+    """A fresh, empty metrics directory for this server run, set in the environment."""
+    if "prometheus_client" in sys.modules:
+        raise RuntimeError(
+            "prometheus_client was imported before the metrics directory was set; its "
+            "values would not be shared between processes"
+        )
+    path = Path(tempfile.mkdtemp(prefix="conceptguard-metrics-"))
+    os.environ[MULTIPROC_ENV] = str(path)
+    return path
+
+
+def remove_multiprocess_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def render_latest() -> tuple[bytes, str]:
+    """The merged metrics of every process, and their content type."""
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    """Every ConceptGuard metric; also the patch runtime's `RuntimeEvents`."""
+
+    def __init__(self, tenants: Iterable[str], worker: str = "api"):
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.tenants = frozenset(tenants)
+        self.worker = worker
+        self.requests = Counter(
+            "conceptguard_requests",
+            "Generation requests answered, by tenant and HTTP status",
+            ["tenant", "status"],
+            registry=None,
+        )
+        self.latency = Histogram(
+            "conceptguard_request_seconds",
+            "End-to-end generation latency in the API process",
+            ["tenant"],
+            buckets=_LATENCY_BUCKETS,
+            registry=None,
+        )
+        self.refusals = Counter(
+            "conceptguard_refusals",
+            "Requests refused, by reason (invalid_request, unauthorized, fail_closed, ...)",
+            ["reason"],
+            registry=None,
+        )
+        self.queue_wait = Histogram(
+            "conceptguard_queue_wait_seconds",
+            "Time from a request entering the queue to its batch starting on a worker",
+            buckets=_LATENCY_BUCKETS,
+            registry=None,
+        )
+        self.stage = Histogram(
+            "conceptguard_stage_seconds",
+            "Seconds per batch spent in each stage",
+            ["stage"],
+            buckets=_STAGE_BUCKETS,
+            registry=None,
+        )
+        self.batch_size = Histogram(
+            "conceptguard_batch_requests",
+            "Requests per worker batch",
+            buckets=_BATCH_BUCKETS,
+            registry=None,
+        )
+        self.images = Counter(
+            "conceptguard_images", "Images generated, by tenant", ["tenant"], registry=None
+        )
+        self.stack_loads = Counter(
+            "conceptguard_patch_stack_loads",
+            "Tenant stacks built by a worker; reload=true when replacing an earlier stack",
+            ["reload"],
+            registry=None,
+        )
+        self.stack_failures = Counter(
+            "conceptguard_patch_stack_failures",
+            "Tenant stacks that failed to load or verify (the tenant fails closed)",
+            ["tenant", "error"],
+            registry=None,
+        )
+        self.stack_build = Histogram(
+            "conceptguard_patch_stack_build_seconds",
+            "Seconds to load, verify and build one tenant stack",
+            buckets=_STAGE_BUCKETS,
+            registry=None,
+        )
+        self.generation = Gauge(
+            "conceptguard_registry_generation",
+            "Registry generation each worker last synced to (one series per worker process)",
+            ["worker"],
+            multiprocess_mode="all",
+            registry=None,
+        )
+        self.gpu_memory = Gauge(
+            "conceptguard_gpu_memory_bytes",
+            "GPU memory allocated by each worker",
+            ["worker"],
+            multiprocess_mode="all",
+            registry=None,
+        )
+
+    def tenant_label(self, tenant: str | None) -> str:
+        if tenant is None:
+            return "none"
+        return tenant if tenant in self.tenants else "other"
+
+    # --- API process ---------------------------------------------------------------------
+
+    def request_done(self, tenant: str | None, status: int, seconds: float | None) -> None:
+        label = self.tenant_label(tenant)
+        self.requests.labels(tenant=label, status=str(status)).inc()
+        if seconds is not None:
+            self.latency.labels(tenant=label).observe(seconds)
+        if status >= 400:
+            self.refusals.labels(reason=refusal_reason(status)).inc()
+
+    # --- workers -------------------------------------------------------------------------
+
+    def batch_started(self, size: int, queue_waits: Iterable[float]) -> None:
+        self.batch_size.observe(size)
+        for wait in queue_waits:
+            self.queue_wait.observe(max(0.0, wait))
+
+    def batch_done(self, timings: dict[str, float], images_by_tenant: dict[str, int]) -> None:
+        for stage, seconds in timings.items():
+            self.stage.labels(stage=stage).observe(seconds)
+        for tenant, count in images_by_tenant.items():
+            self.images.labels(tenant=self.tenant_label(tenant)).inc(count)
+
+    def gpu_memory_bytes(self, value: int) -> None:
+        self.gpu_memory.labels(worker=self.worker).set(value)
+
+    # --- RuntimeEvents -------------------------------------------------------------------
+
+    def stack_built(self, tenant: str, reload: bool, seconds: float) -> None:
+        self.stack_loads.labels(reload=str(reload).lower()).inc()
+        self.stack_build.observe(seconds)
+
+    def stack_failed(self, tenant: str, error: ConceptGuardError | Exception) -> None:
+        self.stack_failures.labels(
+            tenant=self.tenant_label(tenant), error=type(error).__name__
+        ).inc()
+
+    def generation_seen(self, generation: int) -> None:
+        self.generation.labels(worker=self.worker).set(generation)
+
+
+def register_metrics_route(app) -> None:
+    """`GET /metrics`, without a key (scrapers hold none): counts by tenant name and status,
+    never keys, prompts or images."""
+    from fastapi import Response
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        body, content_type = render_latest()
+        return Response(content=body, media_type=content_type)

@@ -1,0 +1,137 @@
+"""The per-worker patch runtime: what it rebuilds on a registry change, and failing closed."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import lora_patch, text_encoder_patch
+
+from patches.registry import open_registry
+from server.errors import RegistryUnavailable, StackNotReady
+from server.runtime import PatchRuntime
+
+
+class Recorder:
+    """RuntimeEvents that remembers what happened."""
+
+    def __init__(self):
+        self.built: list[tuple[str, bool]] = []
+        self.failed: list[tuple[str, str]] = []
+        self.generations: list[int] = []
+
+    def stack_built(self, tenant, reload, seconds):
+        self.built.append((tenant, reload))
+
+    def stack_failed(self, tenant, error):
+        self.failed.append((tenant, type(error).__name__))
+
+    def generation_seen(self, generation):
+        self.generations.append(generation)
+
+
+@pytest.fixture
+def registry(tmp_path):
+    return open_registry(tmp_path / "registry")
+
+
+@pytest.fixture(scope="module")
+def patch_files(tiny_sd):
+    return {i: text_encoder_patch(tiny_sd, seed=30 + i).to_bytes() for i in range(3)}
+
+
+def _runtime(registry, pipe):
+    events = Recorder()
+    return PatchRuntime(registry, pipe, events), events
+
+
+def test_only_changed_tenants_are_rebuilt(registry, tiny_sd, patch_files):
+    ids = [registry.put_patch(patch_files[i], name=f"p{i}").id for i in range(3)]
+    registry.set_tenant("a", [ids[0]])
+    registry.set_tenant("b", [ids[1]])
+    runtime, events = _runtime(registry, tiny_sd)
+    first = runtime.refresh()
+    assert sorted(events.built) == [("a", False), ("b", False)]
+    assert first.generation == registry.generation()
+    assert runtime.refresh() is first  # no change: nothing read beyond a stat, nothing built
+
+    registry.set_tenant("a", [ids[0], ids[2]])
+    second = runtime.refresh()
+    assert events.built[2:] == [("a", True)]
+    assert second.state_for("b") is first.state_for("b")
+    assert second.state_for("a").stack == (ids[0], ids[2])
+    # The snapshot a batch took earlier is untouched: in-flight rows keep their stack.
+    assert first.state_for("a").stack == (ids[0],)
+
+    registry.put_patch(patch_files[2], name="again")  # identical bytes: no write at all
+    registry.set_tenant("b", [ids[1]])  # same stack: the tenant's generation does not move
+    runtime.refresh()
+    assert len(events.built) == 3
+
+
+def test_rollback_reuses_the_built_plan(registry, tiny_sd, patch_files):
+    ids = [registry.put_patch(patch_files[i]).id for i in range(2)]
+    registry.set_tenant("a", [ids[0]])
+    runtime, _ = _runtime(registry, tiny_sd)
+    plan = runtime.refresh().state_for("a").plan
+    registry.set_tenant("a", [ids[1]])
+    assert runtime.refresh().state_for("a").plan is not plan
+    registry.rollback_tenant("a")
+    assert runtime.refresh().state_for("a").plan is plan
+
+
+def test_a_corrupt_patch_fails_its_tenant_closed(registry, tiny_sd, patch_files):
+    good, bad = (registry.put_patch(patch_files[i]).id for i in range(2))
+    (registry.root / "blobs" / f"{bad}.safetensors").write_bytes(b"not a patch" * 10)
+    registry.set_tenant("a", [bad])
+    registry.set_tenant("b", [good])
+    runtime, events = _runtime(registry, tiny_sd)
+    snapshot = runtime.refresh()
+    assert events.failed == [("a", "RegistryCorrupt")]
+    with pytest.raises(StackNotReady, match="could not be loaded: RegistryCorrupt") as info:
+        snapshot.state_for("a").require_ready()
+    assert info.value.http_status == 503
+    assert snapshot.state_for("b").require_ready() is not None
+    # A tenant with no record is the base model by choice, not a failure.
+    assert snapshot.state_for("nobody").require_ready() is None
+
+    registry.set_tenant("a", [good])  # a working stack brings the tenant back
+    assert runtime.refresh().state_for("a").require_ready() is not None
+
+
+def test_failed_tenants_are_retried_on_the_next_generation(registry, tiny_sd, patch_files):
+    pid = registry.put_patch(patch_files[0]).id
+    blob = registry.root / "blobs" / f"{pid}.safetensors"
+    blob.write_bytes(b"garbage")
+    registry.set_tenant("a", [pid])
+    runtime, _ = _runtime(registry, tiny_sd)
+    assert runtime.refresh().state_for("a").failure
+    blob.write_bytes(patch_files[0])  # repaired on disk
+    registry.set_tenant("other", [])  # any later write makes workers look again
+    assert runtime.refresh().state_for("a").failure is None
+
+
+def test_unservable_kinds_fail_closed(registry, tiny_sd):
+    pid = registry.put_patch(lora_patch(tiny_sd).to_bytes()).id
+    registry.set_tenant("a", [pid])  # the registry CLI does not know what a server serves
+    runtime, events = _runtime(registry, tiny_sd)
+    state = runtime.refresh().state_for("a")
+    assert events.failed == [("a", "UnsupportedPatchKind")]
+    assert "unet_lora" in state.failure
+
+
+def test_a_patch_for_another_base_fails_closed(registry, tiny_sd, other_sd):
+    pid = registry.put_patch(text_encoder_patch(other_sd).to_bytes()).id
+    registry.set_tenant("a", [pid])
+    runtime, _ = _runtime(registry, tiny_sd)
+    assert "BaseFingerprintMismatch" in runtime.refresh().state_for("a").failure
+
+
+def test_an_unreadable_registry_fails_every_tenant(registry, tiny_sd, patch_files):
+    registry.set_tenant("a", [registry.put_patch(patch_files[0]).id])
+    runtime, _ = _runtime(registry, tiny_sd)
+    runtime.refresh()
+    (registry.root / "state.json").write_text("{not json")
+    snapshot = runtime.refresh()
+    for tenant in ("a", "nobody"):
+        with pytest.raises(RegistryUnavailable) as info:
+            snapshot.state_for(tenant)
+        assert info.value.http_status == 503
