@@ -21,8 +21,12 @@ def default_model_path() -> Path:
     from bench.tiny_pipelines import save_tiny_pipeline
 
     root = cache_dir() / "models"
-    root.mkdir(parents=True, exist_ok=True)
     path = root / "tiny-sd-seed0"
+    # Built and published by an atomic rename, so a complete folder needs no lock (and a
+    # read-only cache, as in the container image, works).
+    if (path / "model_index.json").exists():
+        return path
+    root.mkdir(parents=True, exist_ok=True)
     with open(root / ".build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (path / "model_index.json").exists():

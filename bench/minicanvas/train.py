@@ -26,7 +26,7 @@ from patches.atomic import atomic_write_bytes
 @dataclass
 class TrainConfig:
     seed: int = 0
-    judge_steps: int = 2000
+    judge_steps: int = 4000
     judge_images: int = 30000
     text_steps: int = 1500
     vae_steps: int = 2500

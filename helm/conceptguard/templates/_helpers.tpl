@@ -1,0 +1,48 @@
+{{- define "conceptguard.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "conceptguard.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else if contains (include "conceptguard.name" .) .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name (include "conceptguard.name" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{- define "conceptguard.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "conceptguard.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "conceptguard.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "conceptguard.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "conceptguard.secretName" -}}
+{{- default (include "conceptguard.fullname" .) .Values.apiKeys.existingSecret }}
+{{- end }}
+
+{{- define "conceptguard.claimName" -}}
+{{- default (printf "%s-registry" (include "conceptguard.fullname" .)) .Values.registry.persistence.existingClaim }}
+{{- end }}
+
+{{- /* The server config file: ServerConfig's fields (server/config.py). */ -}}
+{{- define "conceptguard.configFile" -}}
+registry: {{ .Values.registry.mountPath }}
+limits:
+{{- toYaml .Values.config.limits | nindent 2 }}
+batching:
+{{- toYaml .Values.config.batching | nindent 2 }}
+max_patch_bytes: {{ int64 .Values.config.max_patch_bytes }}
+{{- end }}
+
+{{- /* Average queued requests per pod: Little's law on the queue-wait histogram. */ -}}
+{{- define "conceptguard.queueQuery" -}}
+sum(rate(conceptguard_queue_wait_seconds_sum{namespace="{{ .Release.Namespace }}",service="{{ include "conceptguard.fullname" . }}"}[{{ .Values.autoscaling.keda.window }}]))
+{{- end }}

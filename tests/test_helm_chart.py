@@ -1,0 +1,146 @@
+"""The Helm chart renders offline (Helm's own engine through helm-python-sdk, no helm binary),
+the committed renderings in helm/rendered/ are in sync with the templates and values, and
+every manifest validates against the Kubernetes schemas of a current release.
+
+kubernetes-validate ships no schemas for CRDs: the ServiceMonitor and the KEDA ScaledObject
+are checked here field by field instead (see docs/DEPLOY.md)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("helm_python", reason="helm-python-sdk (the test extra) renders the chart")
+kubernetes_validate = pytest.importorskip("kubernetes_validate.utils")
+
+ROOT = Path(__file__).resolve().parents[1]
+KUBERNETES_VERSIONS = ("1.31", "1.37")
+CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("keda.sh/v1alpha1", "ScaledObject")}
+
+
+def _load_render_module():
+    spec = importlib.util.spec_from_file_location("helm_render", ROOT / "helm" / "render.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+render = _load_render_module()
+
+
+@pytest.fixture(scope="module", params=sorted(render.VALUE_SETS))
+def rendered(request) -> tuple[str, str]:
+    return request.param, render.render(request.param)
+
+
+def _documents(text: str) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+def _by_kind(docs: list[dict]) -> dict[str, dict]:
+    return {doc["kind"]: doc for doc in docs}
+
+
+def test_committed_rendering_is_in_sync(rendered):
+    name, text = rendered
+    committed = ROOT / "helm" / "rendered" / f"{name}.yaml"
+    assert committed.read_text() == text, f"{committed} is stale: run python helm/render.py"
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_every_manifest_validates(rendered, version):
+    docs = _documents(rendered[1])
+    skipped = set()
+    for doc in docs:
+        if (doc["apiVersion"], doc["kind"]) in CRD_KINDS:
+            skipped.add(doc["kind"])
+            continue
+        # strict: unknown fields are errors too (a misspelt key would otherwise pass).
+        kubernetes_validate.validate(doc, version, strict=True)
+    kinds = {doc["kind"] for doc in docs} - skipped
+    assert {"Deployment", "Service", "ConfigMap", "Secret", "PersistentVolumeClaim"} <= kinds
+
+
+def test_default_values_make_a_cpu_deployment_sharing_one_rwx_registry():
+    docs = _by_kind(_documents(render.render("default")))
+    assert not {"HorizontalPodAutoscaler", "ScaledObject", "ServiceMonitor"} & set(docs)
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert "nvidia.com/gpu" not in container["resources"].get("limits", {})
+    assert "runtimeClassName" not in pod
+    assert container["args"][container["args"].index("--device") + 1] == "cpu"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["path"] == "/health"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+    claim = volumes["registry"]["persistentVolumeClaim"]["claimName"]
+    assert claim == docs["PersistentVolumeClaim"]["metadata"]["name"]
+    assert docs["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert container["envFrom"][0]["secretRef"]["name"] == docs["Secret"]["metadata"]["name"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+
+
+def test_configmap_is_a_config_the_server_accepts(tmp_path):
+    """The rendered config.yaml loads into server/config.py's ServerConfig, keys from the
+    Secret's environment variables included."""
+    from server.config import load_config
+
+    for name in render.VALUE_SETS:
+        docs = _by_kind(_documents(render.render(name)))
+        config_file = tmp_path / f"{name}-config.yaml"
+        config_file.write_text(docs["ConfigMap"]["data"]["config.yaml"])
+        config = load_config(config_file, env=dict(docs["Secret"]["stringData"]))
+        mount = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+        assert config.registry in {m["mountPath"] for m in mount}
+        if name == "gpu-autoscaling":
+            assert set(config.tenants) == {"acme", "globex"} and len(config.admin_keys) == 1
+
+
+def test_gpu_and_keda_values():
+    docs = _by_kind(_documents(render.render("gpu-autoscaling")))
+    deployment = docs["Deployment"]["spec"]
+    pod = deployment["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert pod["runtimeClassName"] == "nvidia"
+    assert container["args"][container["args"].index("--device") + 1] == "cuda"
+    assert "replicas" not in deployment  # the autoscaler owns the replica count
+
+    scaled = docs["ScaledObject"]["spec"]
+    assert scaled["scaleTargetRef"]["name"] == docs["Deployment"]["metadata"]["name"]
+    assert 1 <= scaled["minReplicaCount"] <= scaled["maxReplicaCount"]
+    (trigger,) = scaled["triggers"]
+    assert trigger["type"] == "prometheus" and trigger["metricType"] == "AverageValue"
+    assert "conceptguard_queue_wait_seconds_sum" in trigger["metadata"]["query"]
+    assert float(trigger["metadata"]["threshold"]) > 0
+
+    monitor = docs["ServiceMonitor"]["spec"]
+    assert monitor["endpoints"][0] == {"port": "http", "path": "/metrics", "interval": "15s"}
+    service_labels = docs["Service"]["metadata"]["labels"]
+    assert monitor["selector"]["matchLabels"].items() <= service_labels.items()
+
+
+def test_hpa_scales_the_deployment_on_queued_requests():
+    docs = _by_kind(_documents(render.render("hpa")))
+    hpa = docs["HorizontalPodAutoscaler"]
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"]["name"] == docs["Deployment"]["metadata"]["name"]
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["pods"]["metric"]["name"] == "conceptguard_queued_requests"
+
+
+def test_schema_refuses_bad_values():
+    import helm_python as helm
+
+    with helm.Chart.load(str(render.CHART)) as chart:
+        for bad in (
+            {"serve": {"device": "tpu"}},
+            {"apiKeys": {"admin": ["plain-key-not-a-hash"]}},
+            {"autoscaling": {"mode": "sometimes"}},
+            {"config": {"batching": {"max_batch_size": 0}}},
+        ):
+            with pytest.raises(helm.HelmValuesError):
+                chart.validate_schema(bad)
