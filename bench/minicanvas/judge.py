@@ -23,27 +23,31 @@ from bench.minicanvas.world import OBJECT_CLASSES, STYLE_CLASSES
 ARCHITECTURES = ("strided", "pooled")
 
 
+def strided_encoder(width: int, out_dim: int) -> nn.Sequential:
+    """Three stride-2 convolutions (32 -> 4 pixels) and a position-aware linear head."""
+    w = width
+    return nn.Sequential(
+        nn.Conv2d(3, w, 3, stride=2, padding=1),
+        nn.BatchNorm2d(w),
+        nn.ReLU(),
+        nn.Conv2d(w, 2 * w, 3, stride=2, padding=1),
+        nn.BatchNorm2d(2 * w),
+        nn.ReLU(),
+        nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1),
+        nn.BatchNorm2d(2 * w),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(2 * w * 16, out_dim),
+    )
+
+
 class Judge(nn.Module):
     def __init__(self, architecture: str = "strided", width: int = 32):
         super().__init__()
         self.architecture = architecture
         w = width
         if architecture == "strided":
-            # Strided downsampling and a position-aware (flattened) head.
-            self.features = nn.Sequential(
-                nn.Conv2d(3, w, 3, stride=2, padding=1),
-                nn.BatchNorm2d(w),
-                nn.ReLU(),
-                nn.Conv2d(w, 2 * w, 3, stride=2, padding=1),
-                nn.BatchNorm2d(2 * w),
-                nn.ReLU(),
-                nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1),
-                nn.BatchNorm2d(2 * w),
-                nn.ReLU(),
-                nn.Flatten(),
-                nn.Linear(2 * w * 16, 4 * w),
-                nn.ReLU(),
-            )
+            self.features = nn.Sequential(*strided_encoder(w, 4 * w), nn.ReLU())
             dim = 4 * w
         elif architecture == "pooled":
             self.features = nn.Sequential(

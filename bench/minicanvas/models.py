@@ -79,31 +79,26 @@ def unet(config: ModelConfig):
     )
 
 
+# DDPM's linear schedule: its terminal SNR is ~4e-5, so sampling can start from pure noise
+# without the train/test mismatch of SD's scaled_linear schedule at tiny latents.
+_SCHEDULE = {
+    "num_train_timesteps": NUM_TRAIN_TIMESTEPS,
+    "beta_schedule": "linear",
+    "beta_start": 1e-4,
+    "beta_end": 0.02,
+    "prediction_type": "epsilon",
+    "clip_sample": False,
+}
+
+
 def train_scheduler():
-    """DDPM's linear schedule: its terminal SNR is ~4e-5, so sampling can start from pure
-    noise without the train/test mismatch of SD's scaled_linear schedule at tiny latents."""
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(
-        num_train_timesteps=NUM_TRAIN_TIMESTEPS,
-        beta_schedule="linear",
-        beta_start=1e-4,
-        beta_end=0.02,
-        prediction_type="epsilon",
-        clip_sample=False,
-    )
+    return DDPMScheduler(**_SCHEDULE)
 
 
 def sampling_scheduler():
+    """DDIM on the training schedule; `trailing` spacing starts sampling at t = 999."""
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(
-        num_train_timesteps=NUM_TRAIN_TIMESTEPS,
-        beta_schedule="linear",
-        beta_start=1e-4,
-        beta_end=0.02,
-        prediction_type="epsilon",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        timestep_spacing="trailing",
-    )
+    return DDIMScheduler(**_SCHEDULE, set_alpha_to_one=False, timestep_spacing="trailing")

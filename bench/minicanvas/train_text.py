@@ -15,30 +15,9 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from bench.minicanvas.data import RenderedSet
+from bench.minicanvas.judge import strided_encoder
 from bench.minicanvas.models import ModelConfig, text_encoder
 from bench.minicanvas.world import STYLE_CLASSES
-
-
-class _ImageEncoder(nn.Module):
-    def __init__(self, dim: int, width: int = 48):
-        super().__init__()
-        w = width
-        self.net = nn.Sequential(
-            nn.Conv2d(3, w, 3, stride=2, padding=1),
-            nn.BatchNorm2d(w),
-            nn.ReLU(),
-            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1),
-            nn.BatchNorm2d(2 * w),
-            nn.ReLU(),
-            nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1),
-            nn.BatchNorm2d(2 * w),
-            nn.ReLU(),
-            nn.Flatten(),
-            nn.Linear(2 * w * 16, dim),
-        )
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images)
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
@@ -58,7 +37,7 @@ def train_text_encoder(
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     encoder = text_encoder(config, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
-    images_net = _ImageEncoder(config.text_hidden)
+    images_net = strided_encoder(48, config.text_hidden)
     text_proj = nn.Linear(config.text_hidden, config.text_hidden, bias=False)
     logit_scale = nn.Parameter(torch.tensor(2.66))  # exp(2.66) = 1/0.07, CLIP's start
     params = [*encoder.parameters(), *images_net.parameters(), *text_proj.parameters(), logit_scale]
