@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -100,6 +102,17 @@ def make_patch_bytes(tiny_sd):
         return text_encoder_patch(tiny_sd, seed=i).to_bytes()
 
     return make
+
+
+def run_conceptguard(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    """The `conceptguard` CLI in a real subprocess, offline, with its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "conceptguard.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
 
 
 def generate(pipe, prompt: str = "a red circle", seed: int = 0, **kwargs):

@@ -10,14 +10,12 @@ import io
 import json
 import pickle
 import struct
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import lora_patch, text_encoder_patch
+from conftest import lora_patch, run_conceptguard, text_encoder_patch
 from safetensors.torch import save as save_safetensors
 
 from patches import errors
@@ -376,12 +374,7 @@ def test_registry_stores_nothing_refused(hostile_files, tiny_sd, tmp_path):
 
 @pytest.mark.parametrize("name", ["pickle", "nan-values", "truncated-data", "manifest-not-json"])
 def test_cli_refuses_with_one_line_and_no_traceback(name, hostile_files):
-    result = subprocess.run(
-        [sys.executable, "-m", "conceptguard.cli", "patch", "inspect", str(hostile_files[name])],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_conceptguard("patch", "inspect", str(hostile_files[name]))
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("conceptguard:")]

@@ -4,11 +4,9 @@ and run the quality benchmark end to end (accuracy is not expected at these step
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+from conftest import run_conceptguard
 
 from bench.minicanvas.train import TrainConfig, Trainer
 
@@ -66,30 +64,22 @@ def test_quality_cli_writes_the_documented_json(toy_model, tmp_path):
     _, out = toy_model
     result_path = tmp_path / "quality.json"
     grid = tmp_path / "grid.png"
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "conceptguard.cli",
-            "bench",
-            "quality",
-            "--model",
-            str(out),
-            "--cells",
-            "ci",
-            "--seeds",
-            "1",
-            "--steps",
-            "2",
-            "--json",
-            str(result_path),
-            "--grid",
-            str(grid),
-        ],
-        capture_output=True,
-        text=True,
+    run = run_conceptguard(
+        "bench",
+        "quality",
+        "--model",
+        str(out),
+        "--cells",
+        "ci",
+        "--seeds",
+        "1",
+        "--steps",
+        "2",
+        "--json",
+        str(result_path),
+        "--grid",
+        str(grid),
         timeout=600,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(result_path.read_text())

@@ -3,21 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
-from conftest import text_encoder_patch
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "conceptguard.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
+from conftest import run_conceptguard, text_encoder_patch
 
 
 def test_inspect_prints_manifest_and_tensors(tiny_sd, tmp_path):
@@ -25,14 +12,14 @@ def test_inspect_prints_manifest_and_tensors(tiny_sd, tmp_path):
     path = tmp_path / "p.safetensors"
     patch.save(path)
 
-    result = run_cli("patch", "inspect", str(path), "--json")
+    result = run_conceptguard("patch", "inspect", str(path), "--json")
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
     assert info["id"] == patch.id
     assert info["manifest"]["kind"] == "text_encoder"
     assert {t["name"] for t in info["tensors"]} == set(patch.tensors)
 
-    human = run_cli("patch", "inspect", str(path))
+    human = run_conceptguard("patch", "inspect", str(path))
     assert human.returncode == 0
     assert patch.id in human.stdout and "text_encoder (override)" in human.stdout
 
@@ -42,28 +29,28 @@ def test_verify_accepts_the_right_model_and_refuses_another(tiny_sd, sd_model_pa
 
     path = tmp_path / "p.safetensors"
     text_encoder_patch(tiny_sd, seed=4).save(path)
-    ok = run_cli("patch", "verify", str(path), "--model", str(sd_model_path), "--json")
+    ok = run_conceptguard("patch", "verify", str(path), "--model", str(sd_model_path), "--json")
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["ok"] is True
 
-    half = run_cli(
+    half = run_conceptguard(
         "patch", "verify", str(path), "--model", str(sd_model_path), "--dtype", "float16"
     )
     assert half.returncode == 0, half.stderr
 
     other = save_tiny_pipeline("sd", tmp_path / "other", seed=9)
-    refused = run_cli("patch", "verify", str(path), "--model", str(other))
+    refused = run_conceptguard("patch", "verify", str(path), "--model", str(other))
     assert refused.returncode == 2
     assert "BaseFingerprintMismatch" in refused.stderr
     assert "Traceback" not in refused.stderr
 
 
 def test_missing_file_and_missing_model_are_one_line_refusals(tmp_path, tiny_sd):
-    missing = run_cli("patch", "inspect", str(tmp_path / "nope.safetensors"))
+    missing = run_conceptguard("patch", "inspect", str(tmp_path / "nope.safetensors"))
     assert missing.returncode == 2 and "No such file" in missing.stderr
     path = tmp_path / "p.safetensors"
     text_encoder_patch(tiny_sd, seed=5).save(path)
-    no_model = run_cli("patch", "verify", str(path), "--model", str(tmp_path / "no-model"))
+    no_model = run_conceptguard("patch", "verify", str(path), "--model", str(tmp_path / "no-model"))
     assert no_model.returncode == 2
     assert "not a local folder" in no_model.stderr
     assert "Traceback" not in no_model.stderr + missing.stderr

@@ -6,11 +6,11 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import run_conceptguard
 
 from patches.errors import (
     AmbiguousReference,
@@ -329,13 +329,7 @@ def test_open_registry(tmp_path):
 
 
 def _cli(registry_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "conceptguard.cli", "registry", "--dir", str(registry_dir), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
+    return run_conceptguard("registry", "--dir", str(registry_dir), *args)
 
 
 def _refused(result: subprocess.CompletedProcess, error: str) -> None:
@@ -345,7 +339,6 @@ def _refused(result: subprocess.CompletedProcess, error: str) -> None:
 
 
 def test_cli_round_trip(tmp_path, files):
-    pytest.importorskip("conceptguard.cli", reason="the dispatcher's other commands are missing")
     registry_dir = tmp_path / "registry"
     good, bad = tmp_path / "good.safetensors", tmp_path / "bad.safetensors"
     good.write_bytes(files[0])

@@ -9,12 +9,12 @@ import io
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import requests
+from conftest import run_conceptguard
 from PIL import Image
 from server_process import port_is_open, start_server
 
@@ -107,13 +107,7 @@ def _group_alive(pgid: int) -> bool:
 
 
 def test_bad_model_is_refused_before_serving(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "conceptguard.cli", "serve", "--model", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
+    result = run_conceptguard("serve", "--model", str(tmp_path))
     assert result.returncode == 2
     assert "no model_index.json" in result.stderr
     assert "Traceback" not in result.stderr

@@ -3,10 +3,8 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from conftest import lora_patch, text_encoder_patch
+from conftest import lora_patch, run_conceptguard, text_encoder_patch
 from prometheus_client.parser import text_string_to_metric_families
 from server_process import free_port
 from tenant_server import ADMIN_KEY, GENERATE, TENANT_KEYS, bearer, start_tenant_server
@@ -259,32 +257,24 @@ def test_metrics_count_the_requests_sent(server):
     assert seen and max(seen) == generation
 
 
-def _conceptguard(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "conceptguard.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-
-
 def test_cli_push_and_tenant_commands(server, base_pipe, tmp_path):
     path = tmp_path / "cli.safetensors"
     patch = text_encoder_patch(base_pipe, seed=14)
     patch.save(path)
     connect = ["--server", server.url, "--admin-key", ADMIN_KEY]
-    pushed = _conceptguard("patch", "push", str(path), "--name", "cli-patch", *connect)
+    pushed = run_conceptguard("patch", "push", str(path), "--name", "cli-patch", *connect)
     assert pushed.returncode == 0, pushed.stderr
     assert f"pushed cli-patch@1 ({patch.id[:12]}" in pushed.stdout
     _assign(server, "c", [])
-    assigned = _conceptguard("tenant", "set", "c", "cli-patch", *connect)
+    assigned = run_conceptguard("tenant", "set", "c", "cli-patch", *connect)
     assert assigned.returncode == 0 and patch.id[:12] in assigned.stdout
     assert server.image("c")[1]["patches"] == [patch.id]
-    rolled = _conceptguard("tenant", "rollback", "c", "--json", *connect)
+    rolled = run_conceptguard("tenant", "rollback", "c", "--json", *connect)
     assert rolled.returncode == 0, rolled.stderr
     assert '"stack": []' in rolled.stdout
-    refused = _conceptguard("tenant", "show", "nobody", "--server", server.url, "--admin-key", "x")
+    refused = run_conceptguard(
+        "tenant", "show", "nobody", "--server", server.url, "--admin-key", "x"
+    )
     assert refused.returncode == 2
     assert (
         refused.stderr.strip()
