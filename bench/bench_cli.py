@@ -37,10 +37,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     quality_cli.add_parser(commands)
 
+    from bench.minicanvas import erasure_sweep
+
+    erasure_sweep.add_parser(commands)
+
     # The server benchmarks own their flags; everything after the name is theirs (--help too).
     for name, module in (
         ("serve-load", "bench.serve_load"),
         ("serve-throughput", "bench.serve_throughput"),
+        ("hirm-cost", "bench.hirm_cost"),
     ):
         runner = commands.add_parser(
             name, add_help=False, prefix_chars="+", help=f"{module}: see --help"

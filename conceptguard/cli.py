@@ -18,6 +18,7 @@ EXIT_USER_ERROR = 2
 
 def build_parser() -> argparse.ArgumentParser:
     from bench import bench_cli
+    from erasure import erase_cli
     from patches import patch_cli, registry_cli
     from server import client_cli, serve_cli
 
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     client_cli.add_push_parser(patch_cli.add_parser(subparsers))
     client_cli.add_tenant_parser(subparsers)
     registry_cli.add_parser(subparsers)
+    erase_cli.add_parser(subparsers)
     bench_cli.add_parser(subparsers)
     return parser
 

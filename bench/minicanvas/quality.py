@@ -235,8 +235,13 @@ def gates(judges: dict[str, dict[str, float]], base: dict) -> dict[str, bool]:
     return result
 
 
-def _erasure_scores(judged: Judged, concept: str, kind: str) -> dict[str, float | None]:
+def _erasure_scores(
+    judged: Judged, concept: str, kind: str, erased: frozenset[str] = frozenset()
+) -> dict[str, float | None]:
+    """UA on `concept`'s cells; IRA and CRA on cells naming none of the erased concepts
+    (`erased`: every concept one multi-concept patch erases; `concept` alone by default)."""
     labels = np.array([c.labels for c in judged.cells])
+    erased = erased | {concept}
     in_concept = np.array(
         [(c.obj if kind == "object" else c.style) == concept for c in judged.cells]
     )
@@ -244,7 +249,7 @@ def _erasure_scores(judged: Judged, concept: str, kind: str) -> dict[str, float 
     predicted_same = judged.objects if kind == "object" else judged.styles
     predicted_other = judged.styles if kind == "object" else judged.objects
     same_col, other_col = (0, 1) if kind == "object" else (1, 0)
-    rest = ~in_concept
+    rest = np.array([(c.obj if kind == "object" else c.style) not in erased for c in judged.cells])
     return {
         "UA": _mean(predicted_same[in_concept] != concept_index),
         "IRA": _mean(predicted_same[rest] == labels[rest, same_col]),
@@ -258,16 +263,20 @@ def patched_block(
     patched_grid: Judged,
     patched_synonyms: Judged,
     patched_implicit: Judged | None,
+    erased: frozenset[str] = frozenset(),
 ) -> dict:
     kind = concept_kind(concept)
-    scores = _erasure_scores(patched_grid, concept, kind)
-    base_scores = _erasure_scores(base_grid, concept, kind)
+    scores = _erasure_scores(patched_grid, concept, kind, erased)
+    base_scores = _erasure_scores(base_grid, concept, kind, erased)
     concept_index = (OBJECT_CLASSES if kind == "object" else STYLE_CLASSES).index(concept)
     syn_pred = patched_synonyms.objects if kind == "object" else patched_synonyms.styles
     implicit = None
     if patched_implicit is not None:
         implicit = _mean(patched_implicit.styles != concept_index)
-    rest = np.array([(c.obj if kind == "object" else c.style) != concept for c in base_grid.cells])
+    erased = erased | {concept}
+    rest = np.array(
+        [(c.obj if kind == "object" else c.style) not in erased for c in base_grid.cells]
+    )
     drift = float(((patched_grid.images[rest] - base_grid.images[rest]) / 2).pow(2).mean())
     return {
         **scores,

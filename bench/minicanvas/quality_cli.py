@@ -31,7 +31,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     quality.add_argument("--model", default="models/minicanvas")
     quality.add_argument("--patch", action="append", default=[], help="patch file (repeatable)")
     quality.add_argument(
-        "--concept", help="object or style erased by the patches, all-objects or all-styles"
+        "--concept",
+        help="what the patches erase: an object or style, several joined by commas (one "
+        "multi-concept patch: IRA/CRA then count only cells naming none of them), "
+        "all-objects or all-styles",
     )
     quality.add_argument("--seeds", type=int, default=4)
     quality.add_argument("--steps", type=int, default=EvalSettings.steps)
@@ -73,8 +76,10 @@ def _concepts(concept: str | None, settings: EvalSettings) -> list[str]:
         return list(settings.objects)
     if concept == "all-styles":
         return list(settings.styles)
-    concept_kind(concept)
-    return [concept]
+    names = [c.strip() for c in concept.split(",") if c.strip()]
+    for name in names:
+        concept_kind(name)
+    return names
 
 
 def write_grid(path: Path, evaluator: Evaluator, base, patched=None) -> None:
@@ -140,13 +145,15 @@ def run_quality(args) -> dict:
         try:
             patched_grid = evaluator.judge(evaluator.grid(), "patched_s")
             per_concept = {}
+            # A comma list names what one patch stack erases together.
+            erased = frozenset(concepts) if "," in (args.concept or "") else frozenset()
             for concept in concepts:
                 syn = evaluator.judge([c for c, _ in evaluator.synonym_cells(concept)], "patched_s")
                 implicit = None
                 if concept_kind(concept) == "style":
                     implicit = evaluator.judge(evaluator.implicit_cells(concept), "patched_s")
                 per_concept[concept] = patched_block(
-                    concept, base_grid, patched_grid, syn, implicit
+                    concept, base_grid, patched_grid, syn, implicit, erased
                 )
         finally:
             for patch in reversed(patches):

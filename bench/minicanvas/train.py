@@ -61,17 +61,19 @@ class Trainer:
         _log(f"{stage}: {report}")
 
     def judges(self) -> list:
+        """Both judges; only a missing one is (re)trained, so one can be retrained alone."""
         folder = self.work / "judges"
-        paths = [folder / f"{arch}.safetensors" for arch in ARCHITECTURES]
-        if all(p.exists() for p in paths):
-            return [load_judge(p) for p in paths]
         folder.mkdir(exist_ok=True)
         c = self.config
-        train = render_set(c.judge_images, c.seed + 1)
-        held_out = render_grid(20, c.seed + 2)
-        judges = []
-        for i, (arch, path) in enumerate(zip(ARCHITECTURES, paths, strict=True)):
-            judge, report = train_judge(train, held_out, arch, c.seed + 10 + i, c.judge_steps)
+        judges, data = [], None
+        for i, arch in enumerate(ARCHITECTURES):
+            path = folder / f"{arch}.safetensors"
+            if path.exists():
+                judges.append(load_judge(path))
+                continue
+            if data is None:
+                data = render_set(c.judge_images, c.seed + 1), render_grid(20, c.seed + 2)
+            judge, report = train_judge(*data, arch, c.seed + 10 + i, c.judge_steps)
             save_judge(judge, path)
             self._report(f"judge_{arch}", asdict(report))
             judges.append(judge.eval())

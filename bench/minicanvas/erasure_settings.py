@@ -1,0 +1,72 @@
+"""MiniCanvas words for erasure methods: templates, synonyms, anchors and retain prompts.
+
+Training prompts come from the world's *training* templates only; the held-out evaluation
+template never reaches a method. Anchors are the world's neutral classes: an erased object
+should become an object-free "pattern", an erased style "plain".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.minicanvas.quality import concept_kind
+from bench.minicanvas.world import (
+    OBJECT_SYNONYMS,
+    OBJECTS,
+    PATTERN_TEMPLATES,
+    PLAIN_TEMPLATES,
+    STYLE_SYNONYMS,
+    STYLES,
+    TRAIN_TEMPLATES,
+)
+from erasure.prompts import SLOT, ConceptSpec
+
+ANCHORS = {"object": "pattern", "style": "plain"}
+
+
+def concept_spec(concept: str) -> ConceptSpec:
+    kind = concept_kind(concept)
+    synonyms = OBJECT_SYNONYMS[concept] if kind == "object" else STYLE_SYNONYMS[concept]
+    return ConceptSpec(concept, tuple(synonyms), ANCHORS[kind])
+
+
+def templates(kind: str) -> tuple[str, ...]:
+    """Training captions with the concept's slot open and the other kind filled in."""
+    if kind == "object":
+        out = [t.format(object=SLOT, style=s) for t in TRAIN_TEMPLATES for s in STYLES]
+        return tuple(out + [t.format(object=SLOT) for t in PLAIN_TEMPLATES])
+    out = [t.format(object=o, style=SLOT) for t in TRAIN_TEMPLATES for o in OBJECTS]
+    return tuple(out + [t.format(style=SLOT) for t in PATTERN_TEMPLATES])
+
+
+def retain_prompts(erased: set[str]) -> tuple[str, ...]:
+    """Training captions of every (object, style) pair that names no erased concept."""
+    prompts = [
+        t.format(object=o, style=s)
+        for t in TRAIN_TEMPLATES
+        for o in OBJECTS
+        for s in STYLES
+        if o not in erased and s not in erased
+    ]
+    prompts += [t.format(style=s) for t in PATTERN_TEMPLATES for s in STYLES if s not in erased]
+    prompts += [t.format(object=o) for t in PLAIN_TEMPLATES for o in OBJECTS if o not in erased]
+    return tuple(prompts)
+
+
+def hirm_config(concepts: list[str], variant: str, retain: bool = True, **overrides: Any):
+    """A HiRM config for MiniCanvas concepts (all of one kind)."""
+    from erasure.hirm import HirmConfig
+
+    kinds = {concept_kind(c) for c in concepts}
+    if len(kinds) != 1:
+        raise ValueError("erase objects and styles in separate patches")
+    kind = kinds.pop()
+    return HirmConfig(
+        concepts=[concept_spec(c) for c in concepts],
+        variant=variant,
+        kind=kind,
+        templates=templates(kind),
+        retain_prompts=retain_prompts(set(concepts)) if retain else (),
+        progress=False,
+        **overrides,
+    )

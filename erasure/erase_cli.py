@@ -1,0 +1,15 @@
+"""`conceptguard erase <method>`: make safety patches from a local pipeline."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from erasure.esd import cli as esd_cli
+    from erasure.hirm import cli as hirm_cli
+
+    parser = subparsers.add_parser("erase", help="make a concept-erasure patch")
+    commands = parser.add_subparsers(dest="erase_command", metavar="METHOD", required=True)
+    hirm_cli.add_parser(commands)
+    esd_cli.add_parser(commands)

@@ -1,0 +1,129 @@
+"""`conceptguard erase esd`: train an ESD LoRA patch for the U-Net."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from erasure.esd.config import EsdConfig
+from erasure.prompts import ConceptSpec, PromptError, read_prompt_file
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    esd = commands.add_parser(
+        "esd",
+        help="ESD as a U-Net LoRA (x: cross-attention, u: the rest)",
+        description=(
+            "Train an ESD LoRA (negative-guidance objective) and write a unet_lora patch whose "
+            "tensors use the diffusers/peft LoRA key format, so `pipe.load_lora_weights(file)` "
+            "loads it too. SD 1.x/2.x pipelines."
+        ),
+    )
+    esd.add_argument("--model", required=True, help="diffusers pipeline folder or hub id")
+    esd.add_argument("--concept", action="append", required=True, help="concept (repeatable)")
+    esd.add_argument(
+        "--synonyms", action="append", default=[], help="comma-separated, per --concept"
+    )
+    esd.add_argument("--mode", choices=("x", "u"), default="x")
+    esd.add_argument("--kind", choices=("object", "style"), default="object")
+    esd.add_argument("--template", action="append", default=[], help="template with {concept}")
+    esd.add_argument("--templates-file", help="one template per line")
+    esd.add_argument("--rank", type=int, default=EsdConfig.rank)
+    esd.add_argument("--steps", type=int, default=EsdConfig.steps)
+    esd.add_argument("--lr", type=float, default=EsdConfig.lr)
+    esd.add_argument("--eta", type=float, default=EsdConfig.eta)
+    esd.add_argument("--batch", type=int, default=EsdConfig.batch)
+    esd.add_argument("--sample-steps", type=int, default=EsdConfig.sample_steps)
+    esd.add_argument(
+        "--timesteps",
+        default="0,1",
+        help="fraction of the sampling trajectory x_t is drawn from, e.g. 0,1 or 0.2,0.8",
+    )
+    esd.add_argument("--seed", type=int, default=0)
+    esd.add_argument("--device", default="cpu")
+    esd.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    esd.add_argument("--name", help="patch name recorded in the manifest")
+    esd.add_argument("-o", "--output", required=True, help="patch file to write")
+    esd.add_argument("--json", dest="json_out", help="write the run report as JSON here")
+    esd.set_defaults(func=esd_command)
+
+
+def _concepts(args: argparse.Namespace) -> list[ConceptSpec]:
+    if args.synonyms and len(args.synonyms) != len(args.concept):
+        raise PromptError(
+            f"give --synonyms once per --concept ({len(args.concept)}), or not at all"
+        )
+    synonyms = args.synonyms or [""] * len(args.concept)
+    out = []
+    for name, syn in zip(args.concept, synonyms, strict=True):
+        if not name.strip():
+            raise PromptError("--concept must not be empty")
+        words = tuple(w.strip() for w in syn.split(",") if w.strip())
+        out.append(ConceptSpec(name.strip(), words))
+    return out
+
+
+def config_from_args(args: argparse.Namespace) -> EsdConfig:
+    templates = list(args.template)
+    if args.templates_file:
+        templates += read_prompt_file(args.templates_file)
+    try:
+        low, high = (float(x) for x in args.timesteps.split(","))
+    except ValueError:
+        raise PromptError(
+            f"--timesteps takes two fractions like 0,1, not {args.timesteps!r}"
+        ) from None
+    return EsdConfig(
+        concepts=_concepts(args),
+        mode=args.mode,
+        kind=args.kind,
+        templates=tuple(templates) or None,
+        rank=args.rank,
+        steps=args.steps,
+        lr=args.lr,
+        eta=args.eta,
+        batch=args.batch,
+        sample_steps=args.sample_steps,
+        t_range=(low, high),
+        seed=args.seed,
+        device=args.device,
+        name=args.name,
+    )
+
+
+def esd_command(args: argparse.Namespace) -> int:
+    from erasure.esd import erase_esd
+    from patches.loading import load_pipeline
+
+    config = config_from_args(args)
+    config.check()
+    pipe = load_pipeline(args.model, args.dtype, args.device)
+    result = erase_esd(pipe, config)
+    patch_id = result.patch.save(args.output)
+    size = len(result.patch.to_bytes())
+    mib = result.peak_memory_bytes / 2**20
+    label = "GPU allocated" if result.peak_memory_kind == "cuda_allocated" else "process RSS"
+    r = result.report
+    print(
+        f"ESD-{config.mode} for {', '.join(c.name for c in config.concepts)}: "
+        f"{result.seconds:.2f} s, peak memory {mib:.0f} MiB ({label})\n"
+        f"  wrote {args.output}  {size / 1024:.1f} KiB  id {patch_id[:16]}  "
+        f"{r['adapted_modules']} modules, rank {config.rank}\n"
+        f"  loss {r['loss_first']:.5f} -> {r['loss_last']:.5f}; noise-prediction shift: "
+        f"concept prompts {r['concept_eps_shift']:.4f}, concept-free prompts "
+        f"{r['retain_eps_drift']:.4f} (relative)"
+    )
+    if args.json_out:
+        from patches.atomic import atomic_write_bytes
+
+        summary = {
+            "method": f"esd-{config.mode}",
+            "seconds": round(result.seconds, 3),
+            "peak_memory_bytes": result.peak_memory_bytes,
+            "peak_memory_kind": result.peak_memory_kind,
+            "patch": {"path": args.output, "id": patch_id, "file_bytes": size},
+            "report": r,
+        }
+        atomic_write_bytes(Path(args.json_out), json.dumps(summary, indent=2).encode())
+    return 0

@@ -1,0 +1,162 @@
+"""`conceptguard erase hirm`: train a HiRM text-encoder patch and report on it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from erasure.hirm.config import VARIANTS, HirmConfig
+from erasure.prompts import ConceptSpec, PromptError, read_pair_file, read_prompt_file
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    hirm = commands.add_parser(
+        "hirm",
+        help="HiRM: edit the first text-encoder block(s), loss on the last",
+        description=(
+            "Train a HiRM text_encoder patch. Repeat --concept to erase several concepts in "
+            "one patch; --synonyms and --anchor then apply in the same order (one --anchor "
+            "alone applies to all). SDXL gets two files, one per text encoder."
+        ),
+    )
+    hirm.add_argument("--model", required=True, help="diffusers pipeline folder or hub id")
+    hirm.add_argument("--concept", action="append", required=True, help="concept (repeatable)")
+    hirm.add_argument(
+        "--synonyms", action="append", default=[], help="comma-separated, per --concept"
+    )
+    hirm.add_argument("--anchor", action="append", default=[], help="super-category (HiRM-S)")
+    hirm.add_argument("--variant", choices=VARIANTS, default="S")
+    hirm.add_argument("--kind", choices=("object", "style"), default="object")
+    hirm.add_argument(
+        "--template", action="append", default=[], help="prompt template with {concept}"
+    )
+    hirm.add_argument("--templates-file", help="one template per line")
+    hirm.add_argument("--pairs", help="V: tab-separated 'with<TAB>without' prompt pairs")
+    hirm.add_argument("--retain-prompts", help="unrelated prompts to keep, one per line")
+    hirm.add_argument("--retain-weight", type=float, help="default 50 for R, 20 for S and V")
+    hirm.add_argument("--blocks", default="0", help="trainable blocks, e.g. 0 or 0,1")
+    hirm.add_argument("--steps", type=int, default=HirmConfig.steps)
+    hirm.add_argument("--lr", type=float, default=HirmConfig.lr)
+    hirm.add_argument("--scale", type=float, help="c (R: default 20x token norm; S: 1)")
+    hirm.add_argument("--eta", type=float, default=HirmConfig.eta)
+    hirm.add_argument("--seed", type=int, default=0)
+    hirm.add_argument("--device", default="cpu")
+    hirm.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    hirm.add_argument("--name", help="patch name recorded in the manifest")
+    hirm.add_argument("-o", "--output", required=True, help="patch file to write")
+    hirm.add_argument("--json", dest="json_out", help="write the run report as JSON here")
+    hirm.set_defaults(func=hirm_command)
+
+
+def _per_concept(values: list[str], count: int, flag: str) -> list[str | None]:
+    if not values:
+        return [None] * count
+    if len(values) == 1 and count > 1 and flag == "--anchor":
+        return values * count
+    if len(values) != count:
+        raise PromptError(f"give {flag} once per --concept ({count}), or not at all")
+    return list(values)
+
+
+def concepts_from_args(args: argparse.Namespace) -> list[ConceptSpec]:
+    count = len(args.concept)
+    synonyms = _per_concept(args.synonyms, count, "--synonyms")
+    anchors = _per_concept(args.anchor, count, "--anchor")
+    out = []
+    for name, syn, anchor in zip(args.concept, synonyms, anchors, strict=True):
+        words = tuple(w.strip() for w in (syn or "").split(",") if w.strip())
+        if not name.strip():
+            raise PromptError("--concept must not be empty")
+        out.append(ConceptSpec(name.strip(), words, anchor.strip() if anchor else None))
+    return out
+
+
+def config_from_args(args: argparse.Namespace) -> HirmConfig:
+    templates = list(args.template)
+    if args.templates_file:
+        templates += read_prompt_file(args.templates_file)
+    try:
+        blocks = tuple(int(b) for b in args.blocks.split(","))
+    except ValueError:
+        raise PromptError(
+            f"--blocks takes block indices like 0 or 0,1, not {args.blocks!r}"
+        ) from None
+    return HirmConfig(
+        concepts=concepts_from_args(args),
+        variant=args.variant,
+        kind=args.kind,
+        templates=tuple(templates) or None,
+        blocks=blocks,
+        steps=args.steps,
+        lr=args.lr,
+        scale=args.scale,
+        eta=args.eta,
+        pairs=read_pair_file(args.pairs) if args.pairs else None,
+        retain_prompts=tuple(read_prompt_file(args.retain_prompts)) if args.retain_prompts else (),
+        retain_weight=args.retain_weight,
+        seed=args.seed,
+        device=args.device,
+        name=args.name,
+    )
+
+
+def output_paths(output: Path, components: list[str]) -> list[Path]:
+    """One encoder: the path as given. Two (SDXL): <stem>.<component><suffix> each."""
+    if len(components) == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}.{c}{output.suffix}") for c in components]
+
+
+def hirm_command(args: argparse.Namespace) -> int:
+    from erasure.hirm import erase_hirm
+    from patches.loading import load_pipeline
+
+    config = config_from_args(args)
+    config.check()
+    pipe = load_pipeline(args.model, args.dtype, args.device)
+    result = erase_hirm(pipe, config)
+    paths = output_paths(Path(args.output), [p.manifest.target.component for p in result.patches])
+    written = []
+    for patch, path in zip(result.patches, paths, strict=True):
+        patch_id = patch.save(path)
+        written.append({"path": str(path), "id": patch_id, "file_bytes": len(patch.to_bytes())})
+    summary = {
+        "method": "hirm",
+        "variant": config.variant,
+        "concepts": [c.name for c in config.concepts],
+        "seconds": round(result.seconds, 3),
+        "peak_memory_bytes": result.peak_memory_bytes,
+        "peak_memory_kind": result.peak_memory_kind,
+        "patches": written,
+        "encoders": result.reports,
+    }
+    print_summary(summary)
+    if args.json_out:
+        from patches.atomic import atomic_write_bytes
+
+        atomic_write_bytes(Path(args.json_out), json.dumps(summary, indent=2).encode())
+    return 0
+
+
+def print_summary(summary: dict) -> None:
+    mib = summary["peak_memory_bytes"] / 2**20
+    label = "GPU allocated" if summary["peak_memory_kind"] == "cuda_allocated" else "process RSS"
+    print(
+        f"HiRM-{summary['variant']} for {', '.join(summary['concepts'])}: "
+        f"{summary['seconds']:.2f} s, peak memory {mib:.0f} MiB ({label})"
+    )
+    for item in summary["patches"]:
+        print(f"  wrote {item['path']}  {item['file_bytes'] / 1024:.1f} KiB  id {item['id'][:16]}")
+    print(
+        f"  {'encoder':<16}{'layer':<13}{'displacement':>13}{'gap before':>12}"
+        f"{'gap after':>11}{'retain drift':>14}{'start token':>13}"
+    )
+    for r in summary["encoders"]:
+        print(
+            f"  {r['component']:<16}{r['layer']:<13}{r['target_displacement']:>13.4f}"
+            f"{r['target_gap_before']:>12.4f}{r['target_gap_after']:>11.4f}"
+            f"{r['retain_drift']:>14.4f}{r['start_token_drift']:>13.2e}"
+        )
+    drift_on = summary["encoders"][0]["retain_drift_on"]
+    print(f"  (relative changes of token states; retain drift measured on {drift_on})")
