@@ -2,8 +2,9 @@
 call per group of rows that can share it, one VAE decode per group.
 
 Rows share a denoiser call when they agree on everything the pipeline takes as a scalar (size,
-steps, guidance scale); tenants do not split a batch, because their text-encoder patches are
-already folded into the prompt embeddings. Every image row gets its own generator, seeded from
+steps, guidance scale) and on their U-Net stack (LoRA adapters, activated per group);
+text-encoder patches do not split a batch, because they are already folded into the prompt
+embeddings. Every image row gets its own generator, seeded from
 its request (image j of a request with seed s uses s + j), so an image does not depend on what
 it was batched with beyond floating-point rounding (see docs/API.md).
 
@@ -25,6 +26,7 @@ from server.config import Limits
 from server.errors import GenerationFailed
 from server.schemas import WorkItem
 from server.text_encoding import PromptEncoder, TextPlan
+from server.unet_adapters import UnetAdapters
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ class Row:
 
     item: WorkItem
     plan: TextPlan | None
+    unet_stack: tuple[str, ...] = ()
 
 
 @dataclass
@@ -52,6 +55,7 @@ def _denoise_key(row: Row, limits: Limits, native: int) -> tuple:
         request.dimensions(native),
         request.steps or limits.default_steps,
         limits.default_guidance_scale if guidance is None else guidance,
+        row.unet_stack,
     )
 
 
@@ -79,7 +83,11 @@ def _repeat_rows(tensors: dict[str, torch.Tensor], rows: Sequence[int], counts: 
 
 
 def generate_batch(
-    pipe: Any, encoder: PromptEncoder, rows: Sequence[Row], limits: Limits
+    pipe: Any,
+    encoder: PromptEncoder,
+    rows: Sequence[Row],
+    limits: Limits,
+    adapters: UnetAdapters | None = None,
 ) -> BatchResult:
     """Images for every row (a list per row, in request order) or the row's error."""
     result = BatchResult(outputs=[GenerationFailed("not generated")] * len(rows))
@@ -102,14 +110,18 @@ def generate_batch(
     groups: dict[tuple, list[int]] = {}
     for i, row in enumerate(rows):
         groups.setdefault(_denoise_key(row, limits, native), []).append(i)
-    result.timings["denoise"] = result.timings["decode"] = 0.0
-    for ((width, height), steps, guidance), members in groups.items():
+    result.timings["denoise"] = result.timings["decode"] = result.timings["unet_switch"] = 0.0
+    for ((width, height), steps, guidance, unet_stack), members in groups.items():
         counts = [rows[i].item.request.n for i in members]
         kwargs = _repeat_rows(embeds, members, counts)
         if guidance > 1.0:
             negatives = _repeat_rows(embeds, [len(rows) + i for i in members], counts)
             kwargs.update({f"negative_{k}": v for k, v in negatives.items()})
         try:
+            if adapters is not None:
+                result.timings["unet_switch"] += adapters.activate(unet_stack)
+            elif unet_stack:
+                raise RuntimeError("a U-Net stack without the worker's adapters")
             started = time.perf_counter()
             latents = pipe(
                 **kwargs,

@@ -95,14 +95,16 @@ class GenerationAPI(ls.LitAPI):
         rows, row_index, states = [], [], {}
         for i, item in enumerate(items):
             try:
-                state = snapshot.state_for(item.tenant)
-                rows.append(Row(item, state.require_ready()))
+                state = snapshot.state_for(item.tenant).require_ready()
+                rows.append(Row(item, state.plan, state.unet_stack))
             except ConceptGuardError as exc:
                 answers[i] = self._error(exc)
                 continue
             row_index.append(i)
             states[i] = state
-        result = generate_batch(self.pipe, self.encoder, rows, self.config.limits)
+        result = generate_batch(
+            self.pipe, self.encoder, rows, self.config.limits, self.runtime.adapters
+        )
         images_by_tenant: Counter[str] = Counter()
         for i, output in zip(row_index, result.outputs, strict=True):
             if isinstance(output, ConceptGuardError):

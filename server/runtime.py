@@ -14,6 +14,12 @@ Fail closed: a tenant whose stack cannot be loaded or verified is kept as a fail
 its reason, and its requests get 503 - never the unpatched model. An unreadable registry fails
 every tenant, because no tenant's stack can be known.
 
+U-Net LoRA patches in a stack are loaded into the worker's one U-Net as named adapters
+(server/unet_adapters.py) while the stack is built; a tenant's state names its U-Net stack
+(those patch ids, in order) and each denoiser group activates it. Text-encoder patches
+become the tenant's text plan as before; a stack may hold both, in any order (each kind's
+patches keep their relative order).
+
 Built plans are cached by stack (a tuple of content-addressed patch ids), so a rollback or a
 tenant sharing another's stack costs nothing, and re-registering a name with new bytes can
 never hit a stale entry.
@@ -34,11 +40,13 @@ from patches.registry import Registry, TenantRecord
 from patches.stacks import compose_weight_stack
 from server.errors import RegistryUnavailable, StackNotReady, UnsupportedPatchKind
 from server.text_encoding import TextPlan, build_text_plan
+from server.unet_adapters import UnetAdapters
 
 logger = logging.getLogger(__name__)
 
-# U-Net kinds need the denoiser split by U-Net stack (issue 6); until then they are refused.
-SERVABLE_KINDS = ("text_encoder",)
+# Dense U-Net weight edits and U-Net modules would need a U-Net copy or a module type per
+# stack; LoRA adapters share the one U-Net. The other kinds are refused (422).
+SERVABLE_KINDS = ("text_encoder", "unet_lora")
 
 
 def check_servable_kind(kind: str, label: str) -> None:
@@ -46,8 +54,16 @@ def check_servable_kind(kind: str, label: str) -> None:
     if kind not in SERVABLE_KINDS:
         raise UnsupportedPatchKind(
             f"{label} is a {kind} patch; this server serves {', '.join(SERVABLE_KINDS)} "
-            "patches only (U-Net patches come with per-U-Net-stack batching)"
+            "patches only"
         )
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a stack is served with: the text plan and the U-Net adapters' patch ids."""
+
+    text: TextPlan | None
+    unet_stack: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -57,17 +73,18 @@ class TenantState:
     tenant: str
     stack: tuple[str, ...] = ()
     tenant_generation: int = 0
-    plan: TextPlan | None = None  # None with no failure: the empty stack, the base model
+    plan: TextPlan | None = None  # None with no failure: no text patch, the base encoder
+    unet_stack: tuple[str, ...] = ()  # LoRA patch ids, in stack order
     failure: str | None = None
 
-    def require_ready(self) -> TextPlan | None:
-        """The plan to serve this tenant with, or StackNotReady with the reason."""
+    def require_ready(self) -> TenantState:
+        """This state if the tenant can be served, else StackNotReady with the reason."""
         if self.failure is not None:
             raise StackNotReady(
                 f"tenant {self.tenant!r} is not served: its patch stack (registry generation "
                 f"{self.tenant_generation}) could not be loaded: {self.failure}"
             )
-        return self.plan
+        return self
 
 
 @dataclass(frozen=True)
@@ -113,12 +130,14 @@ class PatchRuntime:
         pipe: Any,
         events: RuntimeEvents | None = None,
         cache_size: int = 32,
+        adapters: UnetAdapters | None = None,
     ):
         self.registry = registry
         self.pipe = pipe
         self.events = events or NoEvents()
         self.cache_size = cache_size
-        self._plans: OrderedDict[tuple[str, ...], TextPlan] = OrderedDict()
+        self.adapters = adapters or UnetAdapters(pipe)
+        self._plans: OrderedDict[tuple[str, ...], _Plan] = OrderedDict()
         self._snapshot = RuntimeSnapshot(generation=-1)
 
     @property
@@ -154,7 +173,7 @@ class PatchRuntime:
     def _build(self, record: TenantRecord, reload: bool) -> TenantState:
         started = time.perf_counter()
         try:
-            plan = self._plan_for(record.stack)
+            plan = self._plan_for(record.stack) or _Plan(None, ())
         except Exception as exc:
             # Whatever goes wrong (a refusal, I/O, torch out of memory), it fails this tenant
             # only: the worker and every other tenant keep serving.
@@ -164,27 +183,36 @@ class PatchRuntime:
             self.events.stack_failed(record.tenant, exc)
             return TenantState(record.tenant, record.stack, record.generation, failure=reason)
         self.events.stack_built(record.tenant, reload, time.perf_counter() - started)
-        return TenantState(record.tenant, record.stack, record.generation, plan)
+        return TenantState(
+            record.tenant, record.stack, record.generation, plan.text, plan.unet_stack
+        )
 
-    def _plan_for(self, stack: tuple[str, ...]) -> TextPlan | None:
+    def _plan_for(self, stack: tuple[str, ...]) -> _Plan | None:
         if not stack:
             return None
         if stack in self._plans:
             self._plans.move_to_end(stack)
             return self._plans[stack]
-        loaded = []
+        text, lora = [], []
         for pid in stack:
             patch = self.registry.load_patch(pid)
             check_servable_kind(patch.manifest.kind, f"patch {pid[:12]}")
             patch.verify(self.pipe)
-            loaded.append(patch)
-        plan = build_text_plan(self.pipe, compose_weight_stack(self.pipe, loaded))
+            (lora if patch.manifest.kind == "unet_lora" else text).append(patch)
+        text_plan = (
+            build_text_plan(self.pipe, compose_weight_stack(self.pipe, text)) if text else None
+        )
+        # Last: a failure above leaves the U-Net's adapters as they were.
+        self.adapters.prepare(lora)
+        plan = _Plan(text_plan, tuple(p.id for p in lora))
         self._plans[stack] = plan
         return plan
 
     def _prune_cache(self) -> None:
-        """Keep the plans in use plus the `cache_size` most recently used others."""
+        """Keep the plans in use plus the `cache_size` most recently used others; drop
+        U-Net adapters no kept plan needs (beyond the adapter cache's spares)."""
         in_use = {s.stack for s in self._snapshot.tenants.values()}
         spare = [stack for stack in self._plans if stack not in in_use]
         for stack in spare[: max(0, len(spare) - self.cache_size)]:
             del self._plans[stack]
+        self.adapters.evict({pid for plan in self._plans.values() for pid in plan.unet_stack})

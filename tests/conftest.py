@@ -72,6 +72,21 @@ def text_encoder_patch(
     )
 
 
+def unet_weights_patch(pipe, seed: int = 0) -> Patch:
+    """A real unet_weights patch: one U-Net conv nudged (a kind the server does not serve)."""
+    name = "conv_in.weight"
+    weight = dict(pipe.unet.named_parameters())[name].detach()
+    noise = 0.01 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(seed))
+    return Patch.create(
+        pipe=pipe,
+        kind="unet_weights",
+        component="unet",
+        method="test-weights",
+        concepts=[f"concept{seed}"],
+        tensors={name: weight + noise},
+    )
+
+
 def lora_patch(pipe, seed: int = 0, rank: int = 4) -> Patch:
     """A real unet_lora patch on every cross-attention key/value projection."""
     component = "transformer" if hasattr(pipe, "transformer") else "unet"

@@ -16,7 +16,7 @@ from server_process import ServerProcess, start_server
 
 from server.config import hash_key
 
-TENANT_KEYS = {"a": "test-key-a", "b": "test-key-b", "c": "test-key-c"}
+TENANT_KEYS = {t: f"test-key-{t}" for t in "abcd"}
 ADMIN_KEY = "test-admin-key"
 GENERATE = "/v1/images/generations"
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from conftest import lora_patch, text_encoder_patch
+from conftest import lora_patch, text_encoder_patch, unet_weights_patch
 
 from patches.registry import open_registry
 from server.errors import RegistryUnavailable, StackNotReady
 from server.runtime import PatchRuntime
+from server.unet_adapters import UnetAdapters
 
 
 class Recorder:
@@ -91,7 +92,7 @@ def test_a_corrupt_patch_fails_its_tenant_closed(registry, tiny_sd, patch_files)
     assert info.value.http_status == 503
     assert snapshot.state_for("b").require_ready() is not None
     # A tenant with no record is the base model by choice, not a failure.
-    assert snapshot.state_for("nobody").require_ready() is None
+    assert snapshot.state_for("nobody").require_ready().plan is None
 
     registry.set_tenant("a", [good])  # a working stack brings the tenant back
     assert runtime.refresh().state_for("a").require_ready() is not None
@@ -110,12 +111,37 @@ def test_failed_tenants_are_retried_on_the_next_generation(registry, tiny_sd, pa
 
 
 def test_unservable_kinds_fail_closed(registry, tiny_sd):
-    pid = registry.put_patch(lora_patch(tiny_sd).to_bytes()).id
+    pid = registry.put_patch(unet_weights_patch(tiny_sd).to_bytes()).id
     registry.set_tenant("a", [pid])  # the registry CLI does not know what a server serves
     runtime, events = _runtime(registry, tiny_sd)
     state = runtime.refresh().state_for("a")
     assert events.failed == [("a", "UnsupportedPatchKind")]
-    assert "unet_lora" in state.failure
+    assert "unet_weights" in state.failure
+
+
+def test_lora_patches_become_the_tenants_unet_stack(registry, models_dir, patch_files):
+    from bench.tiny_pipelines import tiny_pipeline
+
+    pipe = tiny_pipeline("sd", models_dir, seed=0)  # its own copy: adapters get loaded into it
+    text = registry.put_patch(patch_files[0]).id
+    loras = [registry.put_patch(lora_patch(pipe, seed=s).to_bytes()).id for s in (1, 2)]
+    registry.set_tenant("a", [loras[0], text, loras[1]])
+    registry.set_tenant("b", [loras[1]])
+    # No spare plans or adapters: what no tenant uses is dropped at once.
+    runtime = PatchRuntime(registry, pipe, cache_size=0, adapters=UnetAdapters(pipe, spare=0))
+    snapshot = runtime.refresh()
+    a, b = snapshot.state_for("a"), snapshot.state_for("b")
+    assert a.failure is None and a.plan is not None and a.unet_stack == tuple(loras)
+    assert b.plan is None and b.unet_stack == (loras[1],)
+    assert sorted(runtime.adapters.loaded) == sorted(loras)
+    registry.set_tenant("a", [text])  # nobody uses loras[0] any more: evicted (no spares)
+    assert runtime.refresh().state_for("a").unet_stack == ()
+    assert runtime.adapters.loaded == [loras[1]]
+    registry.set_tenant("b", [])
+    runtime.refresh()
+    assert runtime.adapters.loaded == []
+    # The last adapter gone, peft's wrappers are gone too: the plain U-Net again.
+    assert not any("lora" in name for name, _ in pipe.unet.named_parameters())
 
 
 def test_a_patch_for_another_base_fails_closed(registry, tiny_sd, other_sd):

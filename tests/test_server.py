@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from conftest import lora_patch, run_conceptguard, text_encoder_patch
+from conftest import run_conceptguard, text_encoder_patch, unet_weights_patch
 from prometheus_client.parser import text_string_to_metric_families
 from server_process import free_port
 from tenant_server import ADMIN_KEY, GENERATE, TENANT_KEYS, bearer, start_tenant_server
@@ -191,7 +191,8 @@ def test_admin_refusals(server, base_pipe, other_sd):
     assert error_type(upload(b"x" * (MAX_PATCH_BYTES + 1))) == (413, "PayloadTooLarge")
     wrong_base = upload(text_encoder_patch(other_sd).to_bytes())
     assert error_type(wrong_base) == (422, "BaseFingerprintMismatch")
-    assert error_type(upload(lora_patch(base_pipe).to_bytes())) == (422, "UnsupportedPatchKind")
+    dense_unet = upload(unet_weights_patch(base_pipe).to_bytes())
+    assert error_type(dense_unet) == (422, "UnsupportedPatchKind")
 
     form = {"file": ("p.safetensors", text_encoder_patch(base_pipe, seed=13).to_bytes())}
     multipart = server.admin("POST", "/v1/patches", files=form, data={"name": "multi"})

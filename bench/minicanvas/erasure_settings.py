@@ -70,3 +70,22 @@ def hirm_config(concepts: list[str], variant: str, retain: bool = True, **overri
         progress=False,
         **overrides,
     )
+
+
+def esd_config(concepts: list[str], mode: str, **overrides: Any):
+    """An ESD config for MiniCanvas concepts (all of one kind)."""
+    from erasure.esd import EsdConfig
+
+    kinds = {concept_kind(c) for c in concepts}
+    if len(kinds) != 1:
+        raise ValueError("erase objects and styles in separate patches")
+    kind = kinds.pop()
+    settings = dict(steps=150, batch=8, lr=1e-3, rank=4, progress=False)
+    settings.update(overrides)
+    return EsdConfig(
+        concepts=[concept_spec(c) for c in concepts],
+        mode=mode,
+        kind=kind,
+        templates=templates(kind),
+        **settings,
+    )

@@ -35,8 +35,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "erasure-sweep", help="one patch per MiniCanvas concept: UA/IRA/CRA averaged"
     )
     sweep.add_argument("--model", default="models/minicanvas")
-    sweep.add_argument("--method", choices=("hirm",), default="hirm")
-    sweep.add_argument("--variants", default="S,R", help="comma-separated, e.g. S,R,V")
+    sweep.add_argument("--method", choices=("hirm", "esd", "stack"), default="hirm")
+    sweep.add_argument(
+        "--variants",
+        default="S,R",
+        help="comma-separated: hirm R,S,V; esd x,u; stack e.g. S+x",
+    )
     sweep.add_argument(
         "--concepts", default="all-objects,all-styles", help="names, all-objects, all-styles"
     )
@@ -60,12 +64,25 @@ def _concept_list(spec: str) -> list[str]:
 
 
 def make_patches(pipe: Any, method: str, variant: str, concepts: list[str]):
-    """(patches, seconds to make them, method report) for MiniCanvas concepts."""
-    from bench.minicanvas.erasure_settings import hirm_config
+    """(patches, seconds to make them, method report) for MiniCanvas concepts.
+
+    hirm: variant R, S or V; esd: variant x or u; stack: "<hirm variant>+<esd mode>", the
+    HiRM patch then the ESD LoRA, as a tenant stack would hold them.
+    """
+    from bench.minicanvas.erasure_settings import esd_config, hirm_config
+    from erasure.esd import erase_esd
     from erasure.hirm import erase_hirm
 
-    result = erase_hirm(pipe, hirm_config(concepts, variant))
-    return result.patches, result.seconds, result.reports[0]
+    if method == "hirm":
+        result = erase_hirm(pipe, hirm_config(concepts, variant))
+        return result.patches, result.seconds, result.reports[0]
+    if method == "esd":
+        result = erase_esd(pipe, esd_config(concepts, variant))
+        return [result.patch], result.seconds, result.report
+    hirm_variant, _, esd_mode = variant.partition("+")
+    text, text_s, text_report = make_patches(pipe, "hirm", hirm_variant, concepts)
+    unet, unet_s, unet_report = make_patches(pipe, "esd", esd_mode, concepts)
+    return text + unet, text_s + unet_s, {"hirm": text_report, "esd": unet_report}
 
 
 class Sweep:
