@@ -1,40 +1,36 @@
-"""The model `conceptguard serve` runs when none is given.
+"""The model `conceptguard serve` runs when none is given: the committed MiniCanvas pipeline.
 
-Until the MiniCanvas model is committed, this is the tiny built-in SD pipeline, written once
-to a cache folder and then loaded with `from_pretrained` like any user model.
+Where it is looked for, first match wins:
+1. `$CONCEPTGUARD_DEFAULT_MODEL` (the container image sets it to the copy it bakes in);
+2. `models/minicanvas` of the source tree this package runs from (a git checkout, an
+   editable install).
+Either must be a diffusers folder; anything else is refused with what to do about it.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 from pathlib import Path
 
+from patches.errors import ModelLoadError
 
-def cache_dir() -> Path:
-    base = os.environ.get("CONCEPTGUARD_CACHE") or Path.home() / ".cache" / "conceptguard"
-    return Path(base)
+MODEL_ENV = "CONCEPTGUARD_DEFAULT_MODEL"
+SOURCE_TREE_MODEL = Path(__file__).resolve().parents[1] / "models" / "minicanvas"
 
 
 def default_model_path() -> Path:
-    """Path of the default model folder, building it on first use (safe across processes)."""
-    from bench.tiny_pipelines import save_tiny_pipeline
-
-    root = cache_dir() / "models"
-    path = root / "tiny-sd-seed0"
-    # Built and published by an atomic rename, so a complete folder needs no lock (and a
-    # read-only cache, as in the container image, works).
-    if (path / "model_index.json").exists():
-        return path
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    configured = os.environ.get(MODEL_ENV)
+    if configured:
+        path = Path(configured)
         if not (path / "model_index.json").exists():
-            staging = root / ".tiny-sd-seed0.partial"
-            if staging.exists():
-                import shutil
-
-                shutil.rmtree(staging)
-            save_tiny_pipeline("sd", staging, seed=0)
-            os.replace(staging, path)
-    return path
+            raise ModelLoadError(
+                f"{MODEL_ENV}={configured} is not a diffusers pipeline folder (no model_index.json)"
+            )
+        return path
+    if (SOURCE_TREE_MODEL / "model_index.json").exists():
+        return SOURCE_TREE_MODEL
+    raise ModelLoadError(
+        f"no default model: {SOURCE_TREE_MODEL} is missing (this install has no source tree). "
+        f"Pass --model DIR, or set {MODEL_ENV} to a diffusers pipeline folder such as a "
+        "copy of the repository's models/minicanvas"
+    )

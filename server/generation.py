@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from patches.errors import ConceptGuardError
+from patches.targets import pipeline_family
 from server.config import Limits
 from server.errors import GenerationFailed
 from server.schemas import WorkItem
@@ -68,18 +69,31 @@ def _generators(rows: Sequence[Row]) -> list[torch.Generator]:
     ]
 
 
-def decode_latents(pipe: Any, latents: torch.Tensor) -> list[Any]:
-    """PIL images from SD latents, exactly as StableDiffusionPipeline finishes a call."""
+def native_size(pipe: Any) -> int:
+    """The pipeline's default image side in pixels (what it draws with no size given)."""
+    if pipeline_family(pipe) == "flux":
+        return pipe.default_sample_size * pipe.vae_scale_factor
+    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
+def decode_latents(pipe: Any, latents: torch.Tensor, width: int, height: int) -> list[Any]:
+    """PIL images from latents, exactly as the family's pipeline finishes a call."""
+    vae = pipe.vae
     with torch.no_grad():
-        image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
-    return pipe.image_processor.postprocess(
-        image.detach(), output_type="pil", do_denormalize=[True] * image.shape[0]
-    )
+        if pipeline_family(pipe) == "flux":
+            latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+            latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+        else:
+            latents = latents / vae.config.scaling_factor
+        image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+    return pipe.image_processor.postprocess(image.detach(), output_type="pil")
 
 
 def _repeat_rows(tensors: dict[str, torch.Tensor], rows: Sequence[int], counts: Sequence[int]):
     index = torch.tensor([r for r, n in zip(rows, counts, strict=True) for _ in range(n)])
-    return {k: v[index.to(v.device)] for k, v in tensors.items()}
+    return {
+        k: v[index.to(v.device)] if isinstance(v, torch.Tensor) else v for k, v in tensors.items()
+    }
 
 
 def generate_batch(
@@ -93,12 +107,13 @@ def generate_batch(
     result = BatchResult(outputs=[GenerationFailed("not generated")] * len(rows))
     if not rows:
         return result
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    native = native_size(pipe)
     started = time.perf_counter()
-    texts = [r.item.request.prompt for r in rows] + [
-        r.item.request.negative_prompt or "" for r in rows
-    ]
-    plans = [r.plan for r in rows] * 2
+    texts = [r.item.request.prompt for r in rows]
+    plans = [r.plan for r in rows]
+    if encoder.uses_negative:
+        texts += [r.item.request.negative_prompt or "" for r in rows]
+        plans += plans
     try:
         embeds = encoder.encode(texts, plans)
     except Exception:
@@ -114,8 +129,18 @@ def generate_batch(
     for ((width, height), steps, guidance, unet_stack), members in groups.items():
         counts = [rows[i].item.request.n for i in members]
         kwargs = _repeat_rows(embeds, members, counts)
-        if guidance > 1.0:
+        if guidance > 1.0 and encoder.uses_negative:
             negatives = _repeat_rows(embeds, [len(rows) + i for i in members], counts)
+            if encoder.zero_empty_negative:
+                # As the stock pipeline does when no negative prompt is given.
+                empty = [not rows[i].item.request.negative_prompt for i in members]
+                keep = torch.tensor(
+                    [e for e, n in zip(empty, counts, strict=True) for _ in range(n)]
+                )
+                negatives = {
+                    k: torch.where(keep.view(-1, *[1] * (v.dim() - 1)).to(v.device), 0, v)
+                    for k, v in negatives.items()
+                }
             kwargs.update({f"negative_{k}": v for k, v in negatives.items()})
         try:
             if adapters is not None:
@@ -134,7 +159,7 @@ def generate_batch(
             ).images
             result.timings["denoise"] += time.perf_counter() - started
             started = time.perf_counter()
-            images = decode_latents(pipe, latents)
+            images = decode_latents(pipe, latents, width, height)
             result.timings["decode"] += time.perf_counter() - started
         except Exception:
             logger.exception("generation failed for %d request(s)", len(members))

@@ -71,7 +71,6 @@ def _serve(args: argparse.Namespace) -> int:
     from server.config import load_config, with_generated_keys
     from server.default_model import default_model_path
     from server.generation_api import ModelSettings
-    from server.text_encoding import prompt_encoder_for
 
     config = load_config(args.config)
     if args.timeout is not None:
@@ -84,7 +83,6 @@ def _serve(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     # Load once in the parent so a bad model fails here, with a clear message, not in workers.
     pipe = load_pipeline(source, args.dtype, "cpu")
-    prompt_encoder_for(pipe)
     if not config.has_keys():
         config, keys = with_generated_keys(config)
         print(

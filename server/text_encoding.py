@@ -35,7 +35,6 @@ import torch
 from patches.errors import WrongTarget
 from patches.stacks import ComposedWeights
 from patches.targets import find_block_list, get_component, pipeline_family
-from server.errors import UnsupportedPipeline
 
 
 @dataclass(frozen=True)
@@ -119,6 +118,10 @@ class _RoutedStage(torch.nn.Module):
 
     def _scatter(self, merged: Any, out: Any, rows: torch.Tensor) -> Any:
         if isinstance(out, torch.Tensor):
+            if out.dim() > 0 and out.shape[0] == 1 and len(rows) > 1:
+                # Broadcast over the batch (T5's position bias): made per row, so groups
+                # whose stage computes it differently each keep their own.
+                out = out.expand(len(rows), *out.shape[1:])
             if merged is None:
                 merged = out.new_empty((self.batch, *out.shape[1:]))
             return merged.index_copy_(0, rows, out)
@@ -182,9 +185,40 @@ def routed(
 class PromptEncoder(ABC):
     """Turns (text, tenant plan) rows into the embeddings a pipeline takes instead of text."""
 
+    # Whether the pipeline runs classifier-free guidance with negative embeddings (Flux's
+    # guidance is distilled into the transformer: it takes none).
+    uses_negative = True
+    # Whether an empty negative prompt is zeros rather than the encoded "" (SDXL's
+    # force_zeros_for_empty_prompt).
+    zero_empty_negative = False
+
     @abstractmethod
     def encode(self, texts: Sequence[str], plans: Sequence[TextPlan | None]) -> dict[str, Any]:
         """Pipeline keyword arguments for these rows (e.g. {'prompt_embeds': tensor})."""
+
+
+def _distinct_rows(texts: Sequence[str], plans: Sequence[TextPlan | None]):
+    """(rows to encode, index from every row to its encoded row): identical (plan, text)
+    rows - the empty negative prompt, above all - run once."""
+    position: dict[tuple[int, str], int] = {}
+    rows: list[int] = []
+    index: list[int] = []
+    for row, key in enumerate(zip(map(id, plans), texts, strict=True)):
+        if key not in position:
+            position[key] = len(rows)
+            rows.append(row)
+        index.append(position[key])
+    return rows, index
+
+
+def _tokens(tokenizer: Any, texts: list[str], max_length: int | None = None):
+    return tokenizer(
+        texts,
+        padding="max_length",
+        max_length=max_length or tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
 
 
 class SDPromptEncoder(PromptEncoder):
@@ -198,22 +232,8 @@ class SDPromptEncoder(PromptEncoder):
         self.encoder = pipe.text_encoder
 
     def encode(self, texts: Sequence[str], plans: Sequence[TextPlan | None]) -> dict[str, Any]:
-        # Identical (plan, text) rows - the empty negative prompt, above all - run once.
-        position: dict[tuple[int, str], int] = {}
-        rows: list[int] = []  # one original row per distinct (plan, text)
-        index: list[int] = []  # original row -> its distinct row
-        for row, key in enumerate(zip(map(id, plans), texts, strict=True)):
-            if key not in position:
-                position[key] = len(rows)
-                rows.append(row)
-            index.append(position[key])
-        tokens = self.tokenizer(
-            [texts[r] for r in rows],
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
+        rows, index = _distinct_rows(texts, plans)
+        tokens = _tokens(self.tokenizer, [texts[r] for r in rows])
         device = self.encoder.device
         mask = None
         if getattr(self.encoder.config, "use_attention_mask", False):
@@ -224,13 +244,69 @@ class SDPromptEncoder(PromptEncoder):
         return {"prompt_embeds": hidden[torch.tensor(index, device=device)]}
 
 
+class SDXLPromptEncoder(PromptEncoder):
+    """SDXL: both CLIP encoders' penultimate states side by side, and text_encoder_2's
+    projected pooled output, as `StableDiffusionXLPipeline.encode_prompt` (clip_skip unset)."""
+
+    def __init__(self, pipe: Any):
+        self.parts = [
+            ("text_encoder", pipe.tokenizer, pipe.text_encoder),
+            ("text_encoder_2", pipe.tokenizer_2, pipe.text_encoder_2),
+        ]
+        self.zero_empty_negative = bool(pipe.config.force_zeros_for_empty_prompt)
+
+    def encode(self, texts: Sequence[str], plans: Sequence[TextPlan | None]) -> dict[str, Any]:
+        rows, index = _distinct_rows(texts, plans)
+        row_plans = [plans[r] for r in rows]
+        states, pooled = [], None
+        for component, tokenizer, encoder in self.parts:
+            ids = _tokens(tokenizer, [texts[r] for r in rows]).input_ids.to(encoder.device)
+            with torch.no_grad(), routed(encoder, component, row_plans):
+                out = encoder(ids, output_hidden_states=True)
+            states.append(out.hidden_states[-2])
+            pooled = out[0]  # the last encoder's: text_encoder_2's projected pooled output
+        device = self.parts[1][2].device
+        dtype = self.parts[1][2].dtype
+        take = torch.tensor(index, device=device)
+        embeds = torch.cat([s.to(device) for s in states], dim=-1).to(dtype)
+        return {"prompt_embeds": embeds[take], "pooled_prompt_embeds": pooled.to(dtype)[take]}
+
+
+class FluxPromptEncoder(PromptEncoder):
+    """Flux: CLIP-L's pooled output and T5's token states, as `FluxPipeline.encode_prompt`
+    (T5 at the pipeline's default 512 tokens). Either encoder may carry tenants' patches."""
+
+    uses_negative = False
+    max_sequence_length = 512
+
+    def __init__(self, pipe: Any):
+        self.clip = ("text_encoder", pipe.tokenizer, pipe.text_encoder, pipe.tokenizer_max_length)
+        self.t5 = ("text_encoder_2", pipe.tokenizer_2, pipe.text_encoder_2)
+
+    def encode(self, texts: Sequence[str], plans: Sequence[TextPlan | None]) -> dict[str, Any]:
+        rows, index = _distinct_rows(texts, plans)
+        row_plans, row_texts = [plans[r] for r in rows], [texts[r] for r in rows]
+        component, tokenizer, encoder, max_length = self.clip
+        ids = _tokens(tokenizer, row_texts, max_length).input_ids.to(encoder.device)
+        with torch.no_grad(), routed(encoder, component, row_plans):
+            pooled = encoder(ids, output_hidden_states=False).pooler_output.to(encoder.dtype)
+        component, tokenizer, t5 = self.t5
+        ids = _tokens(tokenizer, row_texts, self.max_sequence_length).input_ids.to(t5.device)
+        with torch.no_grad(), routed(t5, component, row_plans):
+            states = t5(ids, output_hidden_states=False)[0].to(t5.dtype)
+        take = torch.tensor(index, device=t5.device)
+        return {
+            "prompt_embeds": states[take],
+            "pooled_prompt_embeds": pooled.to(t5.device)[take],
+            "max_sequence_length": self.max_sequence_length,
+        }
+
+
 def prompt_encoder_for(pipe: Any) -> PromptEncoder:
-    """The multi-tenant prompt encoder for `pipe`'s family, or a clear refusal."""
+    """The multi-tenant prompt encoder for `pipe`'s family."""
     family = pipeline_family(pipe)
-    if family == "sd":
-        return SDPromptEncoder(pipe)
-    raise UnsupportedPipeline(
-        f"{type(pipe).__name__} is an {family} pipeline; the multi-tenant server encodes "
-        "prompts for SD 1.x/2.x pipelines only so far (SDXL and Flux need their second text "
-        "encoder and pooled embeddings routed too)"
-    )
+    if family == "sdxl":
+        return SDXLPromptEncoder(pipe)
+    if family == "flux":
+        return FluxPromptEncoder(pipe)
+    return SDPromptEncoder(pipe)

@@ -16,6 +16,7 @@ from typing import Any
 
 from patches.kinds import lora_pairs
 from patches.patch import Patch
+from patches.targets import denoiser_component
 
 
 def adapter_name(patch_id: str) -> str:
@@ -25,7 +26,8 @@ def adapter_name(patch_id: str) -> str:
 class UnetAdapters:
     def __init__(self, pipe: Any, spare: int = 8):
         self.pipe = pipe
-        self.unet = pipe.unet
+        self.component = denoiser_component(pipe)  # Flux: the transformer
+        self.unet = getattr(pipe, self.component)
         self.spare = spare
         self._loaded: OrderedDict[str, str] = OrderedDict()  # patch id -> adapter name
         self._active: tuple[str, ...] | None = ()  # None: unknown, set explicitly next time
@@ -40,7 +42,7 @@ class UnetAdapters:
             if patch.id in self._loaded:
                 self._loaded.move_to_end(patch.id)
                 continue
-            lora_pairs(patch.tensors, "unet")  # names checked before peft sees them
+            lora_pairs(patch.tensors, self.component)  # names checked before peft sees them
             name = adapter_name(patch.id)
             self.pipe.load_lora_weights(
                 {k: v.clone() for k, v in patch.tensors.items()}, adapter_name=name

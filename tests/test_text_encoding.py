@@ -9,7 +9,6 @@ from conftest import text_encoder_patch
 from patches.patch import Patch
 from patches.stacks import compose_weight_stack
 from patches.targets import block_parameter_names
-from server.errors import UnsupportedPipeline
 from server.text_encoding import build_text_plan, prompt_encoder_for, routed
 
 PROMPTS = ["a red circle", "a blue square", "", "a red circle", "", "green"]
@@ -126,6 +125,49 @@ def test_encoder_is_restored_when_the_forward_raises(tiny_sd, stacks):
     assert all(a is b for a, b in zip(encoder.encoder.layers, before, strict=True))
 
 
-def test_sdxl_and_flux_are_refused_clearly(tiny_sdxl):
-    with pytest.raises(UnsupportedPipeline, match=r"SD 1\.x/2\.x pipelines only"):
-        prompt_encoder_for(tiny_sdxl)
+def _family_stacks(pipe, components):
+    return {
+        "base": [],
+        "one": [text_encoder_patch(pipe, seed=3, component=components[0])],
+        "both": [text_encoder_patch(pipe, seed=4, component=c) for c in components],
+    }
+
+
+def _mixed(pipe, stacks, reference):
+    tenants = ["one", "base", "both", "one", "both", "base"]
+    plans = {name: _plan(pipe, stack) for name, stack in stacks.items()}
+    encoded = prompt_encoder_for(pipe).encode(PROMPTS, [plans[t] for t in tenants])
+    for row, (text, tenant) in enumerate(zip(PROMPTS, tenants, strict=True)):
+        for patch in stacks[tenant]:
+            patch.apply(pipe)
+        try:
+            expected = reference(text)
+        finally:
+            for patch in reversed(stacks[tenant]):
+                patch.remove(pipe)
+        for key, value in expected.items():
+            # Subset rounding (see above) grows with depth: T5's 512-token states reach ~8e-6.
+            scale = max(1.0, value.abs().max().item())
+            error = (encoded[key][row] - value[0].detach()).abs().max().item()
+            assert error <= 1e-5 * scale, (key, tenant, error)
+    assert (encoded["prompt_embeds"][0] - encoded["prompt_embeds"][1]).abs().max() > 1e-4
+
+
+def test_sdxl_rows_match_patch_apply_on_both_encoders(tiny_sdxl):
+    def reference(text):
+        embeds, _, pooled, _ = tiny_sdxl.encode_prompt(
+            text, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    stacks = _family_stacks(tiny_sdxl, ["text_encoder", "text_encoder_2"])
+    _mixed(tiny_sdxl, stacks, reference)
+
+
+def test_flux_rows_match_patch_apply_on_clip_and_t5(tiny_flux):
+    def reference(text):
+        embeds, pooled, _ = tiny_flux.encode_prompt(text, None, max_sequence_length=512)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    stacks = _family_stacks(tiny_flux, ["text_encoder", "text_encoder_2"])
+    _mixed(tiny_flux, stacks, reference)
