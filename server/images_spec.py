@@ -93,12 +93,14 @@ class ImagesSpec(LitSpec):
         uid = uuid.uuid4()
         event = asyncio.Event()
         self.response_buffer[uid] = ResponseBufferItem(event=event)
+        self.metrics.queued(1)
         try:
             self.request_queue.put_nowait((self.response_queue_id, uid, time.monotonic(), item))
             await event.wait()
             response, status = self.response_buffer[uid].response
         finally:
             self.response_buffer.pop(uid, None)
+            self.metrics.queued(-1)
         if status == LitAPIStatus.ERROR:
             # Only LitServe itself answers with errors (e.g. 504 on queue timeout); rows
             # that fail come back as answers with a status.

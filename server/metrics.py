@@ -122,6 +122,13 @@ class Metrics:
             buckets=_STAGE_BUCKETS,
             registry=None,
         )
+        self.in_flight = Gauge(
+            "conceptguard_requests_in_flight",
+            "Generation requests accepted and not yet answered (queued or generating): the "
+            "queue depth to scale replicas on",
+            multiprocess_mode="livesum",
+            registry=None,
+        )
         self.generation = Gauge(
             "conceptguard_registry_generation",
             "Registry generation each worker last synced to (one series per worker process)",
@@ -151,6 +158,9 @@ class Metrics:
             self.latency.labels(tenant=label).observe(seconds)
         if status >= 400:
             self.refusals.labels(reason=refusal_reason(status)).inc()
+
+    def queued(self, delta: int) -> None:
+        self.in_flight.inc(delta)
 
     # --- workers -------------------------------------------------------------------------
 

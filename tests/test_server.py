@@ -253,6 +253,8 @@ def test_metrics_count_the_requests_sent(server):
     batches = delta("conceptguard_batch_requests_count")
     assert 1 <= batches <= 5
     assert delta("conceptguard_stage_seconds_count", stage="denoise") == batches
+    # Every request answered: nothing in flight (a livesum over the API processes).
+    assert after[("conceptguard_requests_in_flight", ())] == 0
     generation = server.admin("GET", "/v1/patches").json()["generation"]
     seen = [v for (name, _), v in after.items() if name == "conceptguard_registry_generation"]
     assert seen and max(seen) == generation
