@@ -65,3 +65,16 @@ def test_patched_and_base_tenants_in_one_batch(family, models_dir, tmp_path):
     assert not np.array_equal(base, patched)
     assert np.abs(served["b"] - base).max() <= 1
     assert np.abs(served["a"] - patched).max() <= 1
+
+
+def test_serve_runs_a_flux_folder_over_http(models_dir, tmp_path):
+    from tenant_server import images_of, start_tenant_server
+
+    tiny_pipeline("flux", models_dir, seed=0)  # written to models_dir once
+    server = start_tenant_server(tmp_path, models_dir / "tiny-flux-seed0", workers=1)
+    try:
+        response = server.generate("a", PROMPT, seed=4, size="64x64")
+        assert response.status_code == 200, response.text
+        assert images_of(response)[0].shape == (64, 64, 3)
+    finally:
+        server.process.stop()
