@@ -9,6 +9,7 @@ last-in first-out and restores the saved originals, so the base comes back bit-e
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -55,20 +56,23 @@ def _parameters_by_name(module: torch.nn.Module) -> dict[str, torch.nn.Parameter
     return dict(base_named_parameters(module))
 
 
-def verify_weights(tensors: dict[str, torch.Tensor], module: torch.nn.Module, label: str) -> None:
-    params = _parameters_by_name(module)
-    unknown = sorted(n for n in tensors if n not in params)
+def verify_weights(
+    tensors: dict[str, torch.Tensor], parameters: Mapping[str, tuple[int, ...]], label: str
+) -> None:
+    """Every tensor names a base parameter of the component (`parameters`: name -> shape)
+    and has its shape."""
+    unknown = sorted(n for n in tensors if n not in parameters)
     if unknown:
-        example = next(iter(params), "nothing")
+        example = next(iter(parameters), "nothing")
         raise UnknownTensorName(
             f"the patch edits {len(unknown)} tensor(s) that this {label} does not have: "
             f"{_list_names(unknown)} (its parameters are named like '{example}')"
         )
     for name, tensor in tensors.items():
-        if tuple(tensor.shape) != tuple(params[name].shape):
+        if tuple(tensor.shape) != tuple(parameters[name]):
             raise ShapeMismatch(
                 f"tensor '{name}' has shape {list(tensor.shape)} but this {label}'s parameter "
-                f"has shape {list(params[name].shape)}"
+                f"has shape {list(parameters[name])}"
             )
 
 
@@ -132,24 +136,17 @@ def lora_pairs(tensors: dict[str, torch.Tensor], component: str) -> dict[str, tu
     return pairs
 
 
-def verify_lora(manifest: Manifest, tensors, module: torch.nn.Module) -> None:
+def verify_lora(manifest: Manifest, tensors, layers: Mapping[str, tuple[int, int]]) -> None:
+    """Every LoRA pair adapts a Linear/Conv2d layer of the component (`layers`: path ->
+    (fan in, fan out)) with matching sizes."""
     component = manifest.target.component
-    modules = {n.replace(".base_layer", ""): m for n, m in module.named_modules()}
     for path, (a, b) in lora_pairs(tensors, component).items():
-        target = modules.get(path)
-        if isinstance(target, torch.nn.Linear):
-            fan_in, fan_out = target.in_features, target.out_features
-        elif isinstance(target, torch.nn.Conv2d):
-            fan_in, fan_out = target.in_channels, target.out_channels
-        elif target is not None and hasattr(target, "base_layer"):
-            base = target.base_layer
-            fan_in = getattr(base, "in_features", getattr(base, "in_channels", None))
-            fan_out = getattr(base, "out_features", getattr(base, "out_channels", None))
-        else:
+        if path not in layers:
             raise UnknownTensorName(
                 f"the LoRA adapts '{path}', which is not a Linear or Conv2d layer of this "
                 f"{component}"
             )
+        fan_in, fan_out = layers[path]
         if a.shape[1] != fan_in or b.shape[0] != fan_out:
             raise ShapeMismatch(
                 f"the LoRA for '{path}' maps {a.shape[1]} -> {b.shape[0]} features but the "

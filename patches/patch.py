@@ -165,11 +165,14 @@ class Patch:
                     "LoRA belongs in a unet_lora patch"
                 )
 
-    def verify(self, pipe: Any) -> None:
-        """Check this patch fits `pipe`: component, base fingerprint, names, shapes."""
+    def verify(self, target: Any) -> None:
+        """Check this patch fits `target` (a pipeline, or its ModelSignature): component,
+        base fingerprint, tensor names and shapes."""
+        from patches.signature import signature_of
+
         component = self.manifest.target.component
-        module = get_component(pipe, component)
-        dtype, actual = base_fingerprint(module)
+        signature = signature_of(target, component)
+        dtype, actual = signature.dtype, signature.fingerprint
         expected = self.manifest.base_fingerprint.get(dtype)
         if expected is None:
             raise BaseFingerprintMismatch(
@@ -184,9 +187,9 @@ class Patch:
             )
         kind = self.manifest.kind
         if kind in ("text_encoder", "unet_weights"):
-            kinds.verify_weights(self.tensors, module, component)
+            kinds.verify_weights(self.tensors, signature.parameters, component)
         elif kind == "unet_lora":
-            kinds.verify_lora(self.manifest, self.tensors, module)
+            kinds.verify_lora(self.manifest, self.tensors, signature.layers)
         else:
             raise WrongTarget(
                 f"unet_module patches (module type {self.manifest.params.get('module_type')!r})"

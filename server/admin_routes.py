@@ -85,7 +85,7 @@ async def _upload_bytes(request: Request, limit: int) -> tuple[bytes, str | None
 
 
 def register_admin_routes(
-    app: FastAPI, registry: Registry, keys: KeyRing, pipe: Any, max_patch_bytes: int
+    app: FastAPI, registry: Registry, keys: KeyRing, model: Any, max_patch_bytes: int
 ) -> None:
     """Add the admin API to `app` (before the server starts)."""
 
@@ -94,7 +94,7 @@ def register_admin_routes(
 
     def check_upload(patch: Patch) -> None:
         check_servable_kind(patch.manifest.kind, "the uploaded patch")
-        patch.verify(pipe)
+        patch.verify(model)
 
     def servable_ids(tenant: str, refs: list[str]) -> list[str]:
         # Resolved once, so the kinds checked are those of the very patches assigned.

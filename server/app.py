@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import litserve as ls
 
 from patches.registry import open_registry
-from patches.targets import pipeline_components
+from patches.signature import ModelSignature
 from server.admin_routes import install_error_handlers, register_admin_routes
 from server.auth import KeyRing
 from server.config import ServerConfig
@@ -19,17 +17,11 @@ def build_server(
     settings: ModelSettings,
     config: ServerConfig,
     registry_path: str,
-    pipe: Any,
+    signature: ModelSignature,
     workers: int,
 ) -> ls.LitServer:
-    """The server for `settings`' model; `pipe` is that model loaded in this process (on the
-    CPU), used by the API process to verify uploads."""
-    # Hash every component now, before LitServe forks the API process, so the fork finds
-    # the fingerprints cached and verifying an upload never rehashes the model.
-    from patches.patch import base_fingerprint
-
-    for module in pipeline_components(pipe).values():
-        base_fingerprint(module)
+    """The server for `settings`' model; `signature` is that model's ModelSignature, all the
+    API process needs to verify uploads (the workers load the model themselves)."""
     api = GenerationAPI(settings, config, registry_path)
     server = ls.LitServer(
         api,
@@ -41,7 +33,7 @@ def build_server(
     install_error_handlers(server.app)
     keys = KeyRing(config)
     register_admin_routes(
-        server.app, open_registry(registry_path), keys, pipe, config.max_patch_bytes
+        server.app, open_registry(registry_path), keys, signature, config.max_patch_bytes
     )
     register_metrics_route(server.app)
     return server

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -67,6 +68,7 @@ def _serve(args: argparse.Namespace) -> int:
     import torch
 
     from patches.loading import load_pipeline
+    from patches.signature import ModelSignature
     from server.app import build_server
     from server.config import load_config, with_generated_keys
     from server.default_model import default_model_path
@@ -83,6 +85,11 @@ def _serve(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     # Load once in the parent so a bad model fails here, with a clear message, not in workers.
     pipe = load_pipeline(source, args.dtype, "cpu")
+    # The API process verifies uploads against the model's signature (fingerprints, names,
+    # shapes); the weights themselves are dropped before LitServe starts its processes.
+    signature = ModelSignature.of(pipe)
+    del pipe
+    gc.collect()
     if not config.has_keys():
         config, keys = with_generated_keys(config)
         print(
@@ -91,7 +98,7 @@ def _serve(args: argparse.Namespace) -> int:
             flush=True,
         )
     settings = ModelSettings(source=source, device=args.device, dtype=args.dtype)
-    server = build_server(settings, config, str(registry_path), pipe, args.workers)
+    server = build_server(settings, config, str(registry_path), signature, args.workers)
     _install_sigterm_as_interrupt()
     print(
         f"conceptguard: serving {source} on http://{args.host}:{args.port} "
