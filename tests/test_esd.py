@@ -60,10 +60,22 @@ def test_deterministic_for_a_seed_and_leaves_the_pipeline_alone(tiny_sd):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_sdxl_and_flux_are_refused_clearly(tiny_sdxl, tiny_flux):
-    for pipe in (tiny_sdxl, tiny_flux):
-        with pytest.raises(WrongTarget, match=r"SD 1\.x/2\.x"):
-            _esd(pipe)
+def test_sdxl_u_net_with_its_added_conditioning(tiny_sdxl):
+    result = _esd(tiny_sdxl, steps=4, lr=1e-2)
+    assert all(".attn2." in n for n in result.patch.tensors)
+    base = generate(tiny_sdxl, "a cat")
+    result.patch.apply(tiny_sdxl)
+    try:
+        patched = generate(tiny_sdxl, "a cat")
+    finally:
+        result.patch.remove(tiny_sdxl)
+    assert not np.array_equal(base, patched)
+    assert result.report["concept_eps_shift"] > 0
+
+
+def test_flux_is_refused_clearly(tiny_flux):
+    with pytest.raises(WrongTarget, match="Flux's transformer"):
+        _esd(tiny_flux)
 
 
 def test_cli_writes_a_patch_and_refuses_bad_settings(sd_model_path, tmp_path):

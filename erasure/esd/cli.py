@@ -17,7 +17,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         description=(
             "Train an ESD LoRA (negative-guidance objective) and write a unet_lora patch whose "
             "tensors use the diffusers/peft LoRA key format, so `pipe.load_lora_weights(file)` "
-            "loads it too. SD 1.x/2.x pipelines."
+            "loads it too. SD 1.x/2.x and SDXL pipelines."
         ),
     )
     esd.add_argument("--model", required=True, help="diffusers pipeline folder or hub id")

@@ -23,7 +23,6 @@ from tqdm import tqdm
 from erasure.esd.config import TARGET_MODULES, EsdConfig
 from erasure.measure import peak_memory, reset_peak_memory
 from erasure.prompts import expand, pairs
-from erasure.text_readout import read_states_batched, token_ids
 from patches.errors import WrongTarget
 from patches.patch import Patch
 from patches.targets import pipeline_family
@@ -40,10 +39,55 @@ class EsdResult:
     peak_memory_kind: str
 
 
-def _states(pipe: Any, prompts: list[str], device: str) -> torch.Tensor:
-    encoder = pipe.text_encoder
-    ids = token_ids(pipe.tokenizer, prompts, encoder.device)
-    return read_states_batched(encoder, ids, "last").float().to(device)
+@dataclass
+class _Cond:
+    """A batch of U-Net conditioning: token states, and SDXL's pooled embedding + time ids."""
+
+    states: torch.Tensor
+    pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None  # [1, 6], the same for every row
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def take(self, index: torch.Tensor) -> _Cond:
+        pooled = None if self.pooled is None else self.pooled[index]
+        return _Cond(self.states[index], pooled, self.time_ids)
+
+    def repeat(self, count: int) -> _Cond:
+        return self.take(torch.zeros(count, dtype=torch.long, device=self.states.device))
+
+    def cat(self, other: _Cond) -> _Cond:
+        pooled = None if self.pooled is None else torch.cat([self.pooled, other.pooled])
+        return _Cond(torch.cat([self.states, other.states]), pooled, self.time_ids)
+
+    def unet_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"encoder_hidden_states": self.states}
+        if self.pooled is not None:
+            time_ids = self.time_ids.expand(len(self), -1)
+            kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": time_ids}
+        return kwargs
+
+
+@torch.no_grad()
+def _encode(pipe: Any, prompts: list[str], device: str) -> _Cond:
+    """What the family's pipeline feeds its U-Net for `prompts` (its own encode_prompt)."""
+    on = pipe.text_encoder.device
+    if pipeline_family(pipe) == "sdxl":
+        states, _, pooled, _ = pipe.encode_prompt(
+            prompts, device=on, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        time_ids = pipe._get_add_time_ids(
+            (size, size),
+            (0, 0),
+            (size, size),
+            dtype=torch.float32,
+            text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
+        )
+        return _Cond(states.float().to(device), pooled.float().to(device), time_ids.to(device))
+    states, _ = pipe.encode_prompt(prompts, on, 1, False)
+    return _Cond(states.float().to(device))
 
 
 def _lora_unet(pipe: Any, config: EsdConfig) -> torch.nn.Module:
@@ -72,9 +116,9 @@ class _Trainer:
         templates = config.resolved_templates()
         self.prompts = [p for c in config.concepts for p in expand(c, templates).prompts]
         probes = sorted({b for c in config.concepts for _, b in pairs(c, templates)})
-        self.cond = _states(pipe, self.prompts, device)
-        self.probe = _states(pipe, probes, device)
-        self.uncond = _states(pipe, [""], device)
+        self.cond = _encode(pipe, self.prompts, device)
+        self.probe = _encode(pipe, probes, device)
+        self.uncond = _encode(pipe, [""], device)
         self.unet = _lora_unet(pipe, config)
         self.trainable = [p for p in self.unet.parameters() if p.requires_grad]
         from diffusers import DDIMScheduler
@@ -89,20 +133,20 @@ class _Trainer:
         noise = torch.randn((count, *self.shape), generator=self.generator)
         return noise.to(self.config.device) * self.scheduler.init_noise_sigma
 
-    def _eps(self, latents, t, states) -> torch.Tensor:
-        return self.unet(latents, t, encoder_hidden_states=states).sample
+    def _eps(self, latents, t, cond: _Cond) -> torch.Tensor:
+        return self.unet(latents, t, **cond.unet_kwargs()).sample
 
     @torch.no_grad()
-    def _sample_xt(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sample_xt(self, cond: _Cond) -> tuple[torch.Tensor, torch.Tensor]:
         """x_t from the current model's guided trajectory, and its timestep t."""
         c = self.config
         low = int(c.t_range[0] * c.sample_steps)
         high = max(int(c.t_range[1] * c.sample_steps), low + 1)
         stop = int(torch.randint(low, high, (1,), generator=self.generator))
         latents = self._noise(len(cond))
-        uncond = self.uncond.expand(len(cond), -1, -1)
+        uncond = self.uncond.repeat(len(cond))
         for t in self.scheduler.timesteps[:stop]:
-            both = self._eps(torch.cat([latents, latents]), t, torch.cat([uncond, cond]))
+            both = self._eps(torch.cat([latents, latents]), t, uncond.cat(cond))
             eps_u, eps_c = both.chunk(2)
             eps = eps_u + c.sample_guidance * (eps_c - eps_u)
             latents = self.scheduler.step(eps, t, latents).prev_sample
@@ -113,7 +157,7 @@ class _Trainer:
         self.unet.disable_adapters()
         try:
             eps_c = self._eps(latents, t, cond)
-            eps_u = self._eps(latents, t, self.uncond.expand(len(cond), -1, -1))
+            eps_u = self._eps(latents, t, self.uncond.repeat(len(cond)))
         finally:
             self.unet.enable_adapters()
         return eps_u - self.config.eta * (eps_c - eps_u)
@@ -126,7 +170,7 @@ class _Trainer:
         bar = tqdm(range(c.steps), desc=f"ESD-{c.mode}", unit="step", disable=not c.progress)
         for _ in bar:
             pick = torch.randint(len(self.cond), (c.batch,), generator=self.generator)
-            cond = self.cond[pick.to(self.cond.device)]
+            cond = self.cond.take(pick.to(self.cond.states.device))
             latents, t = self._sample_xt(cond)
             target = self._target(latents, t, cond)
             loss = F.mse_loss(self._eps(latents, t, cond), target)
@@ -156,7 +200,7 @@ class _Trainer:
         latents = self._noise(max(len(self.cond), len(self.probe)))
         self.generator.set_state(generator_state)
 
-        def shift(states: torch.Tensor) -> float:
+        def shift(states: _Cond) -> float:
             x = latents[: len(states)]
             adapted = self._eps(x, mid, states)
             self.unet.disable_adapters()
@@ -185,10 +229,10 @@ def erase_esd(pipe: Any, config: EsdConfig) -> EsdResult:
     """Train an ESD LoRA for `config.concepts` on `pipe`'s U-Net; returns a unet_lora patch."""
     config.check()
     family = pipeline_family(pipe)
-    if family != "sd":
+    if family == "flux":
         raise WrongTarget(
-            f"ESD is implemented for SD 1.x/2.x U-Nets; this is a {family} pipeline "
-            "(SDXL's added conditioning and Flux's transformer are not supported yet)"
+            "ESD is implemented for U-Nets (SD 1.x/2.x, SDXL); Flux's transformer (flow "
+            "matching, packed latents) is not supported yet"
         )
     torch.manual_seed(config.seed)
     reset_peak_memory(config.device)
