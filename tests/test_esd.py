@@ -9,7 +9,6 @@ from conftest import generate, run_conceptguard
 
 from erasure.esd import EsdConfig, erase_esd
 from erasure.prompts import ConceptSpec
-from patches.errors import WrongTarget
 from patches.patch import Patch
 
 QUICK = dict(steps=3, sample_steps=4, batch=2, progress=False)
@@ -73,9 +72,19 @@ def test_sdxl_u_net_with_its_added_conditioning(tiny_sdxl):
     assert result.report["concept_eps_shift"] > 0
 
 
-def test_flux_is_refused_clearly(tiny_flux):
-    with pytest.raises(WrongTarget, match="Flux's transformer"):
-        _esd(tiny_flux)
+def test_flux_transformer_lora(tiny_flux, tmp_path):
+    result = _esd(tiny_flux, steps=3, lr=1e-2, resolution=64)
+    names = list(result.patch.tensors)
+    assert names and all(n.startswith("transformer.") and ".attn." in n for n in names)
+    assert result.patch.manifest.target.component == "transformer"
+    base = generate(tiny_flux, "a cat")
+    result.patch.apply(tiny_flux)
+    try:
+        patched = generate(tiny_flux, "a cat")
+    finally:
+        result.patch.remove(tiny_flux)
+    assert not np.array_equal(base, patched)
+    np.testing.assert_array_equal(generate(tiny_flux, "a cat"), base)
 
 
 def test_cli_writes_a_patch_and_refuses_bad_settings(sd_model_path, tmp_path):

@@ -17,7 +17,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         description=(
             "Train an ESD LoRA (negative-guidance objective) and write a unet_lora patch whose "
             "tensors use the diffusers/peft LoRA key format, so `pipe.load_lora_weights(file)` "
-            "loads it too. SD 1.x/2.x and SDXL pipelines."
+            "loads it too. SD 1.x/2.x and SDXL (U-Net) and Flux (transformer) pipelines."
         ),
     )
     esd.add_argument("--model", required=True, help="diffusers pipeline folder or hub id")
@@ -39,6 +39,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--timesteps",
         default="0,1",
         help="fraction of the sampling trajectory x_t is drawn from, e.g. 0,1 or 0.2,0.8",
+    )
+    esd.add_argument(
+        "--resolution",
+        type=int,
+        help="training image side in pixels (default: the model's; Flux 512)",
     )
     esd.add_argument("--seed", type=int, default=0)
     esd.add_argument("--device", default="cpu")
@@ -86,6 +91,7 @@ def config_from_args(args: argparse.Namespace) -> EsdConfig:
         batch=args.batch,
         sample_steps=args.sample_steps,
         t_range=(low, high),
+        resolution=args.resolution,
         seed=args.seed,
         device=args.device,
         name=args.name,

@@ -9,13 +9,20 @@ from erasure.prompts import DEFAULT_TEMPLATES, ConceptSpec, PromptError, check_t
 
 Mode = Literal["x", "u"]
 
-# ESD-x: cross-attention only (styles, objects). ESD-u: everything else in the transformer
-# blocks (nudity): self-attention, feed-forward, the blocks' input/output projections.
-CROSS_ATTENTION = r".*attn2\.(to_q|to_k|to_v|to_out\.0)$"
-NON_CROSS_ATTENTION = (
-    r".*(attn1\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.0\.proj|ff\.net\.2|proj_in|proj_out)$"
-)
-TARGET_MODULES: dict[str, str] = {"x": CROSS_ATTENTION, "u": NON_CROSS_ATTENTION}
+# ESD-x: where text meets image (U-Net cross-attention; Flux's joint attention, both
+# streams). ESD-u: the rest of the transformer blocks (U-Net self-attention, feed-forward,
+# the blocks' in/out projections; Flux's feed-forward and single-block MLPs).
+TARGET_MODULES: dict[str, dict[str, str]] = {
+    "unet": {
+        "x": r".*attn2\.(to_q|to_k|to_v|to_out\.0)$",
+        "u": r".*(attn1\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.0\.proj|ff\.net\.2|proj_in|proj_out)$",
+    },
+    "transformer": {
+        "x": r".*attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)$",
+        "u": r".*(ff\.net\.0\.proj|ff\.net\.2|ff_context\.net\.(0\.proj|2)|proj_mlp)$",
+    },
+}
+MODES = ("x", "u")
 
 
 @dataclass
@@ -33,6 +40,7 @@ class EsdConfig:
     batch: int = 8
     sample_steps: int = 25  # DDIM steps of the trajectory x_t is drawn from
     sample_guidance: float = 3.0
+    resolution: int | None = None  # pixels; default: the pipeline's own (Flux: 512)
     t_range: tuple[float, float] = (0.0, 1.0)  # fraction of the trajectory x_t may come from
     seed: int = 0
     device: str = "cpu"
@@ -46,7 +54,7 @@ class EsdConfig:
     def check(self) -> None:
         if not self.concepts:
             raise PromptError("name at least one concept to erase")
-        if self.mode not in TARGET_MODULES:
+        if self.mode not in MODES:
             raise PromptError(f"unknown ESD mode {self.mode!r}: choose x or u")
         if self.rank < 1 or self.steps < 1 or self.lr <= 0 or self.batch < 1:
             raise PromptError("rank, steps and batch must be >= 1 and lr > 0")
