@@ -9,7 +9,6 @@ Builds an SD-1.x-shaped pipeline whose text encoder has CLIP ViT-L/14's text con
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 from pathlib import Path
@@ -101,9 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{summary['prompts']} prompts x {summary['steps']} steps"
     )
     if args.json_out:
-        from patches.atomic import atomic_write_bytes
+        from patches.atomic import atomic_write_json
 
-        atomic_write_bytes(Path(args.json_out), json.dumps(summary, indent=2).encode())
+        atomic_write_json(Path(args.json_out), summary)
     return 0
 
 

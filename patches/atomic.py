@@ -36,3 +36,10 @@ def atomic_write_bytes(path: Path, data: bytes, tmp_dir: Path | None = None) -> 
             os.unlink(tmp_name)
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, data: object) -> None:
+    """Replace `path` with `data` as indented JSON (results, reports), atomically."""
+    import json
+
+    atomic_write_bytes(Path(path), json.dumps(data, indent=2).encode())

@@ -10,7 +10,6 @@ them with IRA/CRA counted on cells naming none of them. The base grid is generat
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -220,10 +219,10 @@ def print_table(result: dict) -> None:
 
 
 def sweep_command(args: argparse.Namespace) -> int:
-    from patches.atomic import atomic_write_bytes
+    from patches.atomic import atomic_write_json
 
     result = run_sweep(args)
     print_table(result)
     if args.json_out:
-        atomic_write_bytes(Path(args.json_out), json.dumps(result, indent=2).encode())
+        atomic_write_json(Path(args.json_out), result)
     return 0

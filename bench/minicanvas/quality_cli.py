@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import time
 from pathlib import Path
 
@@ -229,10 +228,10 @@ def print_table(result: dict) -> None:
 
 
 def quality_command(args: argparse.Namespace) -> int:
-    from patches.atomic import atomic_write_bytes
+    from patches.atomic import atomic_write_json
 
     result = run_quality(args)
     print_table(result)
     if args.json_out:
-        atomic_write_bytes(Path(args.json_out), json.dumps(result, indent=2).encode())
+        atomic_write_json(Path(args.json_out), result)
     return 0

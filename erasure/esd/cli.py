@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from erasure.esd.config import EsdConfig
@@ -121,7 +120,7 @@ def esd_command(args: argparse.Namespace) -> int:
         f"{r['retain_eps_drift']:.4f} (relative)"
     )
     if args.json_out:
-        from patches.atomic import atomic_write_bytes
+        from patches.atomic import atomic_write_json
 
         summary = {
             "method": f"esd-{config.mode}",
@@ -131,5 +130,5 @@ def esd_command(args: argparse.Namespace) -> int:
             "patch": {"path": args.output, "id": patch_id, "file_bytes": size},
             "report": r,
         }
-        atomic_write_bytes(Path(args.json_out), json.dumps(summary, indent=2).encode())
+        atomic_write_json(Path(args.json_out), summary)
     return 0

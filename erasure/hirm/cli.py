@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from erasure.hirm.config import VARIANTS, HirmConfig
@@ -133,9 +132,9 @@ def hirm_command(args: argparse.Namespace) -> int:
     }
     print_summary(summary)
     if args.json_out:
-        from patches.atomic import atomic_write_bytes
+        from patches.atomic import atomic_write_json
 
-        atomic_write_bytes(Path(args.json_out), json.dumps(summary, indent=2).encode())
+        atomic_write_json(Path(args.json_out), summary)
     return 0
 
 
