@@ -39,12 +39,6 @@ RUN if [ -n "$TORCH_INDEX_URL" ]; then \
     fi \
     && pip install .
 
-# The embedded default model, built now so a container starts offline. Today this is the
-# tiny built-in pipeline of server/default_model.py; the MiniCanvas model will replace it
-# (when it lands, this step must bake that model instead: update it with default_model.py).
-ENV CONCEPTGUARD_CACHE=/opt/conceptguard-cache HF_HUB_OFFLINE=1
-RUN python -c "from server.default_model import default_model_path; print(default_model_path())"
-
 # --- runtime stage: the venv, the model, a non-root user ---------------------------------
 FROM ${BASE_IMAGE} AS runtime
 # CUDA base images have no Python: the same interpreter the venv was built with.
@@ -52,9 +46,9 @@ RUN command -v python3 >/dev/null 2>&1 || \
     (apt-get update && apt-get install -y --no-install-recommends python3 \
      && rm -rf /var/lib/apt/lists/*)
 COPY --from=build /opt/conceptguard /opt/conceptguard
-# Owned by the runtime user, so the cache can be rebuilt if a volume replaces it; with the
-# model present, default_model_path() only reads it.
-COPY --from=build --chown=10001:10001 /opt/conceptguard-cache /opt/conceptguard-cache
+# The embedded default model (the committed MiniCanvas pipeline, ~25 MB): a container
+# serves it offline with no --model (server/default_model.py reads the variable below).
+COPY models/minicanvas /opt/conceptguard-models/minicanvas
 RUN useradd --system --uid 10001 --create-home --home-dir /home/conceptguard conceptguard \
     && mkdir -p /var/lib/conceptguard/registry /etc/conceptguard \
     && chown -R conceptguard:conceptguard /var/lib/conceptguard /etc/conceptguard
@@ -62,7 +56,7 @@ RUN useradd --system --uid 10001 --create-home --home-dir /home/conceptguard con
 ENV PATH=/opt/conceptguard/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 \
-    CONCEPTGUARD_CACHE=/opt/conceptguard-cache \
+    CONCEPTGUARD_DEFAULT_MODEL=/opt/conceptguard-models/minicanvas \
     CONCEPTGUARD_REGISTRY=/var/lib/conceptguard/registry
 
 USER 10001

@@ -25,12 +25,12 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    # No --model: the embedded default model, built into a fresh cache like on a new machine.
+    # No --model: the embedded default model (the committed MiniCanvas pipeline).
     folder = tmp_path_factory.mktemp("serve")
     running = start_server(
         ["--workers", "2", "--registry", str(folder / "registry")],
         folder / "server.log",
-        env={"CONCEPTGUARD_CACHE": str(folder), "CONCEPTGUARD_API_KEYS": f"default={KEY}"},
+        env={"CONCEPTGUARD_API_KEYS": f"default={KEY}"},
     )
     yield running
     running.stop()
@@ -47,7 +47,7 @@ def test_generates_deterministic_pngs(server):
     data = first.json()["data"]
     assert len(data) == 2
     images = [_image(item) for item in data]
-    assert images[0].shape == (64, 64, 3)
+    assert images[0].shape == (32, 32, 3)  # MiniCanvas draws 32x32
     second = requests.post(server.url + GENERATE, json=body, headers=AUTH, timeout=120)
     second = second.json()["data"]
     assert all(np.array_equal(a, _image(b)) for a, b in zip(images, second, strict=True))

@@ -177,9 +177,11 @@ class _SlotTrainer:
             loss_last=round(last_loss, 6),
             seconds=round(time.perf_counter() - started, 3),
         )
-        dtype = self.base.dtype if self.base.dtype != torch.float32 else torch.float32
+        # Stored in the served dtype: an override replaces the base tensor as it is held.
         params = dict(self.encoder.named_parameters())
-        tensors = {n: params[n].detach().to("cpu", dtype).contiguous() for n in self.names}
+        tensors = {
+            n: params[n].detach().to("cpu", self.base.dtype).contiguous() for n in self.names
+        }
         return tensors, report
 
     @torch.no_grad()
