@@ -244,6 +244,28 @@ class SDPromptEncoder(PromptEncoder):
         return {"prompt_embeds": hidden[torch.tensor(index, device=device)]}
 
 
+def _penultimate_block_output(encoder: torch.nn.Module, ids: torch.Tensor) -> tuple[Any, Any]:
+    """(output of the second-to-last block, the encoder's output) for one forward.
+
+    Read with a hook on whatever module sits at that index (a routed stand-in included)
+    rather than `output_hidden_states`: transformers records hidden states with hooks on the
+    layer classes, which also fire inside per-tenant stage clones and would interleave
+    partial-batch entries into the tuple.
+    """
+    _, blocks = find_block_list(encoder)
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(module: torch.nn.Module, args: Any, output: Any) -> None:
+        captured["states"] = output[0] if isinstance(output, (tuple, list)) else output
+
+    handle = blocks[-2].register_forward_hook(keep)
+    try:
+        out = encoder(ids)
+    finally:
+        handle.remove()
+    return captured["states"], out
+
+
 class SDXLPromptEncoder(PromptEncoder):
     """SDXL: both CLIP encoders' penultimate states side by side, and text_encoder_2's
     projected pooled output, as `StableDiffusionXLPipeline.encode_prompt` (clip_skip unset)."""
@@ -262,8 +284,8 @@ class SDXLPromptEncoder(PromptEncoder):
         for component, tokenizer, encoder in self.parts:
             ids = _tokens(tokenizer, [texts[r] for r in rows]).input_ids.to(encoder.device)
             with torch.no_grad(), routed(encoder, component, row_plans):
-                out = encoder(ids, output_hidden_states=True)
-            states.append(out.hidden_states[-2])
+                penultimate, out = _penultimate_block_output(encoder, ids)
+            states.append(penultimate)
             pooled = out[0]  # the last encoder's: text_encoder_2's projected pooled output
         device = self.parts[1][2].device
         dtype = self.parts[1][2].dtype
