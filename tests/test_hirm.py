@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
+from conftest import generate, run_conceptguard
 
 from bench.tiny_pipelines import tiny_pipeline
 from erasure.hirm import HirmConfig, erase_hirm
 from erasure.prompts import ConceptSpec
 from erasure.text_readout import read_states_batched, token_ids
 from patches.patch import Patch
-from tests.conftest import generate, run_conceptguard
 
 CAT = ConceptSpec("cat", ("kitty",), "animal")
 UNRELATED = ("a red car", "a house on a hill", "a bowl of soup", "a blue boat at sea")
