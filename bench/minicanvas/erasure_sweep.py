@@ -45,6 +45,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     sweep.add_argument("--multi", help="also one joint patch for these comma-separated concepts")
     sweep.add_argument("--seeds", type=int, default=4)
+    sweep.add_argument(
+        "--esd-steps", type=int, help="ESD training steps (default: erasure_settings.py's)"
+    )
     sweep.add_argument("--json", dest="json_out", help="write the result JSON here")
     sweep.set_defaults(func=sweep_command)
 
@@ -62,7 +65,9 @@ def _concept_list(spec: str) -> list[str]:
     return out
 
 
-def make_patches(pipe: Any, method: str, variant: str, concepts: list[str]):
+def make_patches(
+    pipe: Any, method: str, variant: str, concepts: list[str], esd_steps: int | None = None
+):
     """(patches, seconds to make them, method report) for MiniCanvas concepts.
 
     hirm: variant R, S or V; esd: variant x or u; stack: "<hirm variant>+<esd mode>", the
@@ -76,11 +81,12 @@ def make_patches(pipe: Any, method: str, variant: str, concepts: list[str]):
         result = erase_hirm(pipe, hirm_config(concepts, variant))
         return result.patches, result.seconds, result.reports[0]
     if method == "esd":
-        result = erase_esd(pipe, esd_config(concepts, variant))
+        overrides = {"steps": esd_steps} if esd_steps else {}
+        result = erase_esd(pipe, esd_config(concepts, variant, **overrides))
         return [result.patch], result.seconds, result.report
     hirm_variant, _, esd_mode = variant.partition("+")
     text, text_s, text_report = make_patches(pipe, "hirm", hirm_variant, concepts)
-    unet, unet_s, unet_report = make_patches(pipe, "esd", esd_mode, concepts)
+    unet, unet_s, unet_report = make_patches(pipe, "esd", esd_mode, concepts, esd_steps)
     return text + unet, text_s + unet_s, {"hirm": text_report, "esd": unet_report}
 
 
@@ -139,7 +145,9 @@ def run_sweep(args: argparse.Namespace) -> dict:
     for variant in variants:
         per_concept: dict[str, dict] = {}
         for i, concept in enumerate(concepts, 1):
-            patches, seconds, report = make_patches(pipe, args.method, variant, [concept])
+            patches, seconds, report = make_patches(
+                pipe, args.method, variant, [concept], args.esd_steps
+            )
             block = sweep.measure(patches, [concept], joint=False)[concept]
             block.update(make_seconds=round(seconds, 2), text=report)
             per_concept[concept] = block
@@ -165,7 +173,9 @@ def run_sweep(args: argparse.Namespace) -> dict:
         joint = _concept_list(args.multi)
         result["multi"] = {}
         for variant in variants:
-            patches, seconds, report = make_patches(pipe, args.method, variant, joint)
+            patches, seconds, report = make_patches(
+                pipe, args.method, variant, joint, args.esd_steps
+            )
             blocks = sweep.measure(patches, joint, joint=True)
             result["multi"][variant] = {
                 "concepts": joint,
@@ -179,6 +189,7 @@ def run_sweep(args: argparse.Namespace) -> dict:
         "steps": settings.steps,
         "guidance": settings.guidance,
         "concepts": concepts,
+        "esd_steps": args.esd_steps,
     }
     result["timings"] = {
         **{k: round(v, 1) for k, v in sweep.evaluator.timings.items()},
