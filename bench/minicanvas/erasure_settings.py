@@ -53,14 +53,18 @@ def retain_prompts(erased: set[str]) -> tuple[str, ...]:
     return tuple(prompts)
 
 
+def _single_kind(concepts: list[str]) -> str:
+    kinds = {concept_kind(c) for c in concepts}
+    if len(kinds) != 1:
+        raise ValueError("erase objects and styles in separate patches")
+    return kinds.pop()
+
+
 def hirm_config(concepts: list[str], variant: str, retain: bool = True, **overrides: Any):
     """A HiRM config for MiniCanvas concepts (all of one kind)."""
     from erasure.hirm import HirmConfig
 
-    kinds = {concept_kind(c) for c in concepts}
-    if len(kinds) != 1:
-        raise ValueError("erase objects and styles in separate patches")
-    kind = kinds.pop()
+    kind = _single_kind(concepts)
     # lr 1e-3 (not the CLIP-L default 1e-4): measured on the committed model, circle, 4x4
     # cells x 2 seeds - lr 1e-4 left UA at 41% after 60 steps; 1e-3 gives 100% with IRA at
     # the base's (docs/BENCHMARKS.md).
@@ -80,10 +84,7 @@ def esd_config(concepts: list[str], mode: str, **overrides: Any):
     """An ESD config for MiniCanvas concepts (all of one kind)."""
     from erasure.esd import EsdConfig
 
-    kinds = {concept_kind(c) for c in concepts}
-    if len(kinds) != 1:
-        raise ValueError("erase objects and styles in separate patches")
-    kind = kinds.pop()
+    kind = _single_kind(concepts)
     # Rank 1, lr 1e-3, 200 steps: of the settings tried (docs/BENCHMARKS.md) the first to
     # reach UA >= 90% with the other objects' IRA within 10 points.
     settings = dict(steps=200, batch=8, lr=1e-3, rank=1, progress=False)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from erasure.cli_args import concepts_from_args, templates_from_args
 from erasure.esd.config import EsdConfig
-from erasure.prompts import ConceptSpec, PromptError, read_prompt_file
+from erasure.prompts import PromptError
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -53,25 +54,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     esd.set_defaults(func=esd_command)
 
 
-def _concepts(args: argparse.Namespace) -> list[ConceptSpec]:
-    if args.synonyms and len(args.synonyms) != len(args.concept):
-        raise PromptError(
-            f"give --synonyms once per --concept ({len(args.concept)}), or not at all"
-        )
-    synonyms = args.synonyms or [""] * len(args.concept)
-    out = []
-    for name, syn in zip(args.concept, synonyms, strict=True):
-        if not name.strip():
-            raise PromptError("--concept must not be empty")
-        words = tuple(w.strip() for w in syn.split(",") if w.strip())
-        out.append(ConceptSpec(name.strip(), words))
-    return out
-
-
 def config_from_args(args: argparse.Namespace) -> EsdConfig:
-    templates = list(args.template)
-    if args.templates_file:
-        templates += read_prompt_file(args.templates_file)
     try:
         low, high = (float(x) for x in args.timesteps.split(","))
     except ValueError:
@@ -79,10 +62,10 @@ def config_from_args(args: argparse.Namespace) -> EsdConfig:
             f"--timesteps takes two fractions like 0,1, not {args.timesteps!r}"
         ) from None
     return EsdConfig(
-        concepts=_concepts(args),
+        concepts=concepts_from_args(args),
         mode=args.mode,
         kind=args.kind,
-        templates=tuple(templates) or None,
+        templates=templates_from_args(args),
         rank=args.rank,
         steps=args.steps,
         lr=args.lr,

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from erasure.cli_args import concepts_from_args, templates_from_args
 from erasure.hirm.config import VARIANTS, HirmConfig
-from erasure.prompts import ConceptSpec, PromptError, read_pair_file, read_prompt_file
+from erasure.prompts import PromptError, read_pair_file, read_prompt_file
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -48,33 +49,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     hirm.set_defaults(func=hirm_command)
 
 
-def _per_concept(values: list[str], count: int, flag: str) -> list[str | None]:
-    if not values:
-        return [None] * count
-    if len(values) == 1 and count > 1 and flag == "--anchor":
-        return values * count
-    if len(values) != count:
-        raise PromptError(f"give {flag} once per --concept ({count}), or not at all")
-    return list(values)
-
-
-def concepts_from_args(args: argparse.Namespace) -> list[ConceptSpec]:
-    count = len(args.concept)
-    synonyms = _per_concept(args.synonyms, count, "--synonyms")
-    anchors = _per_concept(args.anchor, count, "--anchor")
-    out = []
-    for name, syn, anchor in zip(args.concept, synonyms, anchors, strict=True):
-        words = tuple(w.strip() for w in (syn or "").split(",") if w.strip())
-        if not name.strip():
-            raise PromptError("--concept must not be empty")
-        out.append(ConceptSpec(name.strip(), words, anchor.strip() if anchor else None))
-    return out
-
-
 def config_from_args(args: argparse.Namespace) -> HirmConfig:
-    templates = list(args.template)
-    if args.templates_file:
-        templates += read_prompt_file(args.templates_file)
     try:
         blocks = tuple(int(b) for b in args.blocks.split(","))
     except ValueError:
@@ -85,7 +60,7 @@ def config_from_args(args: argparse.Namespace) -> HirmConfig:
         concepts=concepts_from_args(args),
         variant=args.variant,
         kind=args.kind,
-        templates=tuple(templates) or None,
+        templates=templates_from_args(args),
         blocks=blocks,
         steps=args.steps,
         lr=args.lr,
