@@ -59,6 +59,18 @@ def test_deterministic_for_a_seed_and_leaves_the_pipeline_alone(tiny_sd):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_retain_term_keeps_unrelated_predictions(tiny_sd):
+    retain = ("a dog", "a red house", "a tree in winter")
+    plain = _esd(tiny_sd, steps=6, lr=3e-2, retain_prompts=retain, retain_weight=0.0)
+    kept = _esd(tiny_sd, steps=6, lr=3e-2, retain_prompts=retain, retain_weight=100.0)
+    # Same seed, same x_t and prompt draws: only the weight of the term differs.
+    assert kept.report["retain_set_eps_drift"] < 0.5 * plain.report["retain_set_eps_drift"]
+    assert kept.report["concept_eps_shift"] > 0
+    params = kept.patch.manifest.params
+    assert params["retain_prompts"] == 3 and params["retain_weight"] == 100.0
+    assert _esd(tiny_sd).patch.manifest.params["retain_weight"] is None
+
+
 def test_sdxl_u_net_with_its_added_conditioning(tiny_sdxl):
     result = _esd(tiny_sdxl, steps=4, lr=1e-2)
     assert all(".attn2." in n for n in result.patch.tensors)
@@ -99,6 +111,8 @@ def test_cli_writes_a_patch_and_refuses_bad_settings(sd_model_path, tmp_path):
         (["--timesteps", "0.9,0.1"], "timestep range"),
         (["--timesteps", "abc"], "two fractions"),
         (["--rank", "0"], "rank, steps and batch"),
+        (["--retain-weight", "-1"], "retain weight"),
+        (["--retain-prompts", str(tmp_path / "missing.txt")], "missing.txt"),
     ):
         proc = run_conceptguard(*common, *extra)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr

@@ -80,7 +80,7 @@ def hirm_config(concepts: list[str], variant: str, retain: bool = True, **overri
     )
 
 
-def esd_config(concepts: list[str], mode: str, **overrides: Any):
+def esd_config(concepts: list[str], mode: str, retain: bool = False, **overrides: Any):
     """An ESD config for MiniCanvas concepts (all of one kind)."""
     from erasure.esd import EsdConfig
 
@@ -94,5 +94,6 @@ def esd_config(concepts: list[str], mode: str, **overrides: Any):
         mode=mode,
         kind=kind,
         templates=templates(kind),
+        retain_prompts=retain_prompts(set(concepts)) if retain else (),
         **settings,
     )

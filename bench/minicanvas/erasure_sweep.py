@@ -5,11 +5,15 @@ grid and the concept's synonym (and, for styles, implicit) cells with the same s
 base, score UA/IRA/CRA, remove it. Averages and worst cases per kind (objects, styles).
 `--multi a,b,c` also trains one patch erasing those concepts together and scores each of
 them with IRA/CRA counted on cells naming none of them. The base grid is generated once.
+
+`--merge a.json b.json` joins sweeps of disjoint concept lists run with the same settings
+(one process per core is the fastest way through a sweep on a small CPU) into one result.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -48,7 +52,19 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     sweep.add_argument(
         "--esd-steps", type=int, help="ESD training steps (default: erasure_settings.py's)"
     )
+    sweep.add_argument(
+        "--esd-retain-weight",
+        type=float,
+        default=0.0,
+        help="ESD preservation term on the other concepts' captions (0: off, the published ESD)",
+    )
     sweep.add_argument("--json", dest="json_out", help="write the result JSON here")
+    sweep.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="run nothing: join these sweep results (same settings, disjoint concepts)",
+    )
     sweep.set_defaults(func=sweep_command)
 
 
@@ -65,8 +81,18 @@ def _concept_list(spec: str) -> list[str]:
     return out
 
 
+def esd_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The sweep's ESD settings that differ from erasure_settings.py's."""
+    out: dict[str, Any] = {}
+    if args.esd_steps:
+        out["steps"] = args.esd_steps
+    if args.esd_retain_weight:
+        out.update(retain=True, retain_weight=args.esd_retain_weight)
+    return out
+
+
 def make_patches(
-    pipe: Any, method: str, variant: str, concepts: list[str], esd_steps: int | None = None
+    pipe: Any, method: str, variant: str, concepts: list[str], esd: dict[str, Any] | None = None
 ):
     """(patches, seconds to make them, method report) for MiniCanvas concepts.
 
@@ -81,12 +107,11 @@ def make_patches(
         result = erase_hirm(pipe, hirm_config(concepts, variant))
         return result.patches, result.seconds, result.reports[0]
     if method == "esd":
-        overrides = {"steps": esd_steps} if esd_steps else {}
-        result = erase_esd(pipe, esd_config(concepts, variant, **overrides))
+        result = erase_esd(pipe, esd_config(concepts, variant, **(esd or {})))
         return [result.patch], result.seconds, result.report
     hirm_variant, _, esd_mode = variant.partition("+")
     text, text_s, text_report = make_patches(pipe, "hirm", hirm_variant, concepts)
-    unet, unet_s, unet_report = make_patches(pipe, "esd", esd_mode, concepts, esd_steps)
+    unet, unet_s, unet_report = make_patches(pipe, "esd", esd_mode, concepts, esd)
     return text + unet, text_s + unet_s, {"hirm": text_report, "esd": unet_report}
 
 
@@ -127,6 +152,65 @@ def _criteria(mean: dict) -> dict[str, bool]:
     }
 
 
+def summarise_variant(per_concept: dict[str, dict]) -> dict[str, Any]:
+    """Means, worst cases and criteria per kind and overall, and make times."""
+    summary: dict[str, Any] = {"per_concept": per_concept}
+    for kind, names in (("objects", OBJECTS), ("styles", STYLES)):
+        chosen = {c: b for c, b in per_concept.items() if c in names}
+        if chosen:
+            mean, worst = summarise(chosen)
+            summary[kind] = {"mean": mean, "worst": worst, "criteria": _criteria(mean)}
+    mean, worst = summarise(per_concept)
+    summary["all"] = {"mean": mean, "worst": worst, "criteria": _criteria(mean)}
+    seconds = [b["make_seconds"] for b in per_concept.values()]
+    summary["make_seconds"] = {"mean": sum(seconds) / len(seconds), "max": max(seconds)}
+    return summary
+
+
+# Settings that must agree for sweeps to be joined (everything but the concept list).
+_SAME = ("model", "seeds", "steps", "guidance", "esd_steps", "esd_retain_weight")
+
+
+class MergeError(ValueError):
+    """Sweeps that cannot be joined into one result."""
+
+
+def merge_results(parts: list[dict], sources: list[str]) -> dict:
+    """One sweep result from sweeps of disjoint concept lists with the same settings."""
+    first = parts[0]
+    for part, source in zip(parts, sources, strict=True):
+        if part.get("schema") != SCHEMA:
+            raise MergeError(f"{source} is not a {SCHEMA} result")
+        if part["method"] != first["method"]:
+            raise MergeError(f"{source}: method {part['method']!r} differs")
+        if part["variants"].keys() != first["variants"].keys():
+            raise MergeError(f"{source}: variants {list(part['variants'])} differ")
+        for key in _SAME:
+            if part["config"].get(key) != first["config"].get(key):
+                raise MergeError(f"{source}: config {key} {part['config'].get(key)!r} differs")
+    concepts = [c for part in parts for c in part["config"]["concepts"]]
+    repeated = sorted({c for c in concepts if concepts.count(c) > 1})
+    if repeated:
+        raise MergeError(f"concepts measured in more than one sweep: {', '.join(repeated)}")
+    multis = [part["multi"] for part in parts if "multi" in part]
+    if len(multis) > 1:
+        raise MergeError("more than one sweep holds a --multi result")
+    result: dict[str, Any] = {"schema": SCHEMA, "method": first["method"], "variants": {}}
+    for variant in first["variants"]:
+        per_concept = {
+            c: b for part in parts for c, b in part["variants"][variant]["per_concept"].items()
+        }
+        result["variants"][variant] = summarise_variant(per_concept)
+    if multis:
+        result["multi"] = multis[0]
+    result["config"] = {**first["config"], "concepts": concepts, "merged_from": sources}
+    result["timings"] = {
+        "parts": [part.get("timings", {}) for part in parts],
+        "total_s": round(sum(part.get("timings", {}).get("total_s", 0.0) for part in parts), 1),
+    }
+    return result
+
+
 def run_sweep(args: argparse.Namespace) -> dict:
     from diffusers import StableDiffusionPipeline
 
@@ -146,7 +230,7 @@ def run_sweep(args: argparse.Namespace) -> dict:
         per_concept: dict[str, dict] = {}
         for i, concept in enumerate(concepts, 1):
             patches, seconds, report = make_patches(
-                pipe, args.method, variant, [concept], args.esd_steps
+                pipe, args.method, variant, [concept], esd_overrides(args)
             )
             block = sweep.measure(patches, [concept], joint=False)[concept]
             block.update(make_seconds=round(seconds, 2), text=report)
@@ -158,23 +242,13 @@ def run_sweep(args: argparse.Namespace) -> dict:
                 f"UA_syn {block['UA_synonyms']:.3f} make {seconds:.1f}s",
                 flush=True,
             )
-        summary: dict[str, Any] = {"per_concept": per_concept}
-        for kind, names in (("objects", OBJECTS), ("styles", STYLES)):
-            chosen = {c: b for c, b in per_concept.items() if c in names}
-            if chosen:
-                mean, worst = summarise(chosen)
-                summary[kind] = {"mean": mean, "worst": worst, "criteria": _criteria(mean)}
-        mean, worst = summarise(per_concept)
-        summary["all"] = {"mean": mean, "worst": worst, "criteria": _criteria(mean)}
-        seconds = [b["make_seconds"] for b in per_concept.values()]
-        summary["make_seconds"] = {"mean": sum(seconds) / len(seconds), "max": max(seconds)}
-        result["variants"][variant] = summary
+        result["variants"][variant] = summarise_variant(per_concept)
     if args.multi:
         joint = _concept_list(args.multi)
         result["multi"] = {}
         for variant in variants:
             patches, seconds, report = make_patches(
-                pipe, args.method, variant, joint, args.esd_steps
+                pipe, args.method, variant, joint, esd_overrides(args)
             )
             blocks = sweep.measure(patches, joint, joint=True)
             result["multi"][variant] = {
@@ -190,6 +264,7 @@ def run_sweep(args: argparse.Namespace) -> dict:
         "guidance": settings.guidance,
         "concepts": concepts,
         "esd_steps": args.esd_steps,
+        "esd_retain_weight": args.esd_retain_weight,
     }
     result["timings"] = {
         **{k: round(v, 1) for k, v in sweep.evaluator.timings.items()},
@@ -226,13 +301,27 @@ def print_table(result: dict) -> None:
                 f"(base {pct(block['IRA_base'])})  CRA {pct(block['CRA'])} "
                 f"(base {pct(block['CRA_base'])})"
             )
-    print("timings: " + ", ".join(f"{k} {v}s" for k, v in result["timings"].items()))
+    timings = result["timings"]
+    if "parts" in timings:
+        print(f"timings: {len(timings['parts'])} sweeps joined, {timings['total_s']}s in all")
+    else:
+        print("timings: " + ", ".join(f"{k} {v}s" for k, v in timings.items()))
 
 
 def sweep_command(args: argparse.Namespace) -> int:
     from patches.atomic import atomic_write_json
 
-    result = run_sweep(args)
+    if args.merge:
+        import json
+
+        try:
+            parts = [json.loads(Path(f).read_text()) for f in args.merge]
+            result = merge_results(parts, list(args.merge))
+        except (OSError, ValueError, KeyError) as error:
+            print(f"conceptguard: cannot merge: {error}", file=sys.stderr)
+            return 2
+    else:
+        result = run_sweep(args)
     print_table(result)
     if args.json_out:
         atomic_write_json(Path(args.json_out), result)

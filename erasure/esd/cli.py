@@ -7,7 +7,7 @@ from pathlib import Path
 
 from erasure.cli_args import concepts_from_args, templates_from_args
 from erasure.esd.config import EsdConfig
-from erasure.prompts import PromptError
+from erasure.prompts import PromptError, read_prompt_file
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -45,6 +45,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         type=int,
         help="training image side in pixels (default: the model's; Flux 512)",
     )
+    esd.add_argument(
+        "--retain-prompts",
+        help="unrelated prompts whose predictions the LoRA must keep, one per line "
+        "(a preservation term beyond the published ESD; off without this)",
+    )
+    esd.add_argument("--retain-weight", type=float, default=EsdConfig.retain_weight)
     esd.add_argument("--seed", type=int, default=0)
     esd.add_argument("--device", default="cpu")
     esd.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
@@ -74,6 +80,8 @@ def config_from_args(args: argparse.Namespace) -> EsdConfig:
         sample_steps=args.sample_steps,
         t_range=(low, high),
         resolution=args.resolution,
+        retain_prompts=tuple(read_prompt_file(args.retain_prompts)) if args.retain_prompts else (),
+        retain_weight=args.retain_weight,
         seed=args.seed,
         device=args.device,
         name=args.name,
@@ -101,6 +109,11 @@ def esd_command(args: argparse.Namespace) -> int:
         f"  loss {r['loss_first']:.5f} -> {r['loss_last']:.5f}; noise-prediction shift: "
         f"concept prompts {r['concept_eps_shift']:.4f}, concept-free prompts "
         f"{r['retain_eps_drift']:.4f} (relative)"
+        + (
+            f"; retain prompts {r['retain_set_eps_drift']:.4f}"
+            if "retain_set_eps_drift" in r
+            else ""
+        )
     )
     if args.json_out:
         from patches.atomic import atomic_write_json

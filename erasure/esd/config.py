@@ -42,6 +42,10 @@ class EsdConfig:
     sample_guidance: float = 3.0
     resolution: int | None = None  # pixels; default: the pipeline's own (Flux: 512)
     t_range: tuple[float, float] = (0.0, 1.0)  # fraction of the trajectory x_t may come from
+    # Beyond the published ESD: keep the base's prediction on unrelated prompts at the same
+    # x_t (DuMo's preservation term). Off when empty; MiniCanvas measures what it buys.
+    retain_prompts: tuple[str, ...] = ()
+    retain_weight: float = 1.0
     seed: int = 0
     device: str = "cpu"
     name: str | None = None
@@ -58,6 +62,10 @@ class EsdConfig:
             raise PromptError(f"unknown ESD mode {self.mode!r}: choose x or u")
         if self.rank < 1 or self.steps < 1 or self.lr <= 0 or self.batch < 1:
             raise PromptError("rank, steps and batch must be >= 1 and lr > 0")
+        if self.retain_weight < 0:
+            raise PromptError("retain weight must be >= 0")
+        if any(not p.strip() for p in self.retain_prompts):
+            raise PromptError("retain prompts must not be empty")
         low, high = self.t_range
         if not 0.0 <= low < high <= 1.0:
             raise PromptError(f"timestep range {self.t_range} must satisfy 0 <= low < high <= 1")

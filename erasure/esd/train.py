@@ -3,7 +3,12 @@ the frozen base's negatively guided prediction.
 
     L = || eps_theta(x_t, c, t) - [eps0(x_t, "", t) - eta (eps0(x_t, c, t) - eps0(x_t, "", t))] ||^2
 
-(eps is whatever the denoiser predicts: noise for U-Nets, velocity for Flux.) x_t comes from
+(eps is whatever the denoiser predicts: noise for U-Nets, velocity for Flux.) With retain
+prompts q (beyond the published method) a preservation term keeps the base's answer there:
+
+    + w || eps_theta(x_t, q, t) - eps0(x_t, q, t) ||^2      (same x_t, a batch of q per step)
+
+x_t comes from
 the current (adapted) model: a trajectory from noise under the concept's prompt, stopped
 after a random number of steps (erasure/esd/denoisers.py has each family's). The base
 prediction is the same denoiser with the adapter switched off, so one copy is held. The
@@ -46,6 +51,8 @@ class _Trainer:
         self.cond = self.den.encode(self.prompts)
         self.probe = self.den.encode(probes)
         self.uncond = self.den.encode([""])
+        retain = list(config.retain_prompts)
+        self.retain = self.den.encode(retain) if retain else None
         self.unet = self.den.model
         self.trainable = [p for p in self.unet.parameters() if p.requires_grad]
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -59,20 +66,29 @@ class _Trainer:
         return self.den.trajectory(cond, self.uncond.repeat(len(cond)), stop, self.generator)
 
     @torch.no_grad()
-    def _target(self, latents, t, cond: Cond) -> torch.Tensor:
+    def _base(self, latents, t, cond: Cond) -> torch.Tensor:
         self.unet.disable_adapters()
         try:
-            out_c = self.den.predict(latents, t, cond)
-            out_u = self.den.predict(latents, t, self.uncond.repeat(len(cond)))
+            return self.den.predict(latents, t, cond)
         finally:
             self.unet.enable_adapters()
+
+    def _target(self, latents, t, cond: Cond) -> torch.Tensor:
+        out_c = self._base(latents, t, cond)
+        out_u = self._base(latents, t, self.uncond.repeat(len(cond)))
         return out_u - self.config.eta * (out_c - out_u)
+
+    def _preserve(self, latents, t) -> torch.Tensor:
+        """The adapter's change of the prediction on a batch of retain prompts (MSE)."""
+        pick = torch.randint(len(self.retain), (len(latents),), generator=self.generator)
+        cond = self.retain.take(pick.to(self.retain.states.device))
+        return F.mse_loss(self.den.predict(latents, t, cond), self._base(latents, t, cond))
 
     def run(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         c = self.config
         started = time.perf_counter()
         optimizer = torch.optim.Adam(self.trainable, lr=c.lr)
-        first = last = None
+        first = last = kept = None
         bar = tqdm(range(c.steps), desc=f"ESD-{c.mode}", unit="step", disable=not c.progress)
         for _ in bar:
             pick = torch.randint(len(self.cond), (c.batch,), generator=self.generator)
@@ -80,12 +96,17 @@ class _Trainer:
             latents, t = self._sample_xt(cond)
             target = self._target(latents, t, cond)
             loss = F.mse_loss(self.den.predict(latents, t, cond), target)
+            last = loss.item()
+            if self.retain is not None:
+                preserve = self._preserve(latents, t)
+                kept = preserve.item()
+                loss = loss + c.retain_weight * preserve
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            last = loss.item()
             first = last if first is None else first
-            bar.set_postfix(loss=f"{last:.4f}", refresh=False)
+            shown = {"loss": f"{last:.4f}"} | ({} if kept is None else {"retain": f"{kept:.5f}"})
+            bar.set_postfix(shown, refresh=False)
         report = self._report()
         report.update(
             mode=c.mode,
@@ -94,6 +115,7 @@ class _Trainer:
             prompts=len(self.prompts),
             loss_first=round(first, 6),
             loss_last=round(last, 6),
+            retain_loss_last=None if kept is None else round(kept, 8),
             seconds=round(time.perf_counter() - started, 3),
         )
         return self._tensors(), report
@@ -114,11 +136,15 @@ class _Trainer:
                 self.unet.enable_adapters()
             return float((adapted - base).norm() / base.norm())
 
-        return {
+        report = {
             "concept_eps_shift": round(shift(self.cond), 6),
             "retain_eps_drift": round(shift(self.probe), 6),
             "retain_drift_on": "concept-free twins of the training prompts",
         }
+        if self.retain is not None:
+            sample = torch.arange(min(len(self.retain), 64), device=self.retain.states.device)
+            report["retain_set_eps_drift"] = round(shift(self.retain.take(sample)), 6)
+        return report
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         from peft.utils import get_peft_model_state_dict
@@ -158,6 +184,8 @@ def erase_esd(pipe: Any, config: EsdConfig) -> EsdResult:
             "sample_guidance": config.sample_guidance,
             "resolution": config.resolution,
             "t_range": list(config.t_range),
+            "retain_prompts": len(config.retain_prompts),
+            "retain_weight": config.retain_weight if config.retain_prompts else None,
             "seed": config.seed,
             "templates": list(config.resolved_templates()),
             "synonyms": {c.name: list(c.synonyms) for c in config.concepts},
