@@ -86,7 +86,9 @@ def esd_config(concepts: list[str], mode: str, retain: bool = False, **overrides
 
     kind = _single_kind(concepts)
     # Rank 1, lr 1e-3, 200 steps: of the settings tried (docs/BENCHMARKS.md) the first to
-    # reach UA >= 90% with the other objects' IRA within 10 points.
+    # reach UA >= 90% with the other objects' IRA within 10 points. `retain` adds the
+    # preservation term on the other concepts' captions (the sweep's --esd-retain-weight;
+    # weight 10 kept IRA within 2 points of the base's).
     settings = dict(steps=200, batch=8, lr=1e-3, rank=1, progress=False)
     settings.update(overrides)
     return EsdConfig(
