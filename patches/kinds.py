@@ -158,14 +158,29 @@ def _lora_adapters(module: torch.nn.Module) -> list[str]:
     return [r.adapter_name for r in applied_stack(module) if r.adapter_name]
 
 
-def apply_lora(patch_id: str, tensors, pipe, module) -> AppliedPatch:
+def load_denoiser_lora(pipe, component: str, tensors, adapter_name: str) -> None:
+    """Load a `unet_lora` patch's tensors as a peft adapter on the denoiser only.
+
+    Same keys and result as `pipe.load_lora_weights`, which also scans the text encoders and
+    logs that it found no LoRA for them: misleading noise on every load in a server log.
+    """
+    getattr(pipe, component).load_lora_adapter(
+        {k: v.clone() for k, v in tensors.items()},
+        prefix=component,
+        adapter_name=adapter_name,
+        _pipeline=pipe,
+    )
+
+
+def apply_lora(patch_id: str, tensors, pipe, component: str) -> AppliedPatch:
     if not hasattr(pipe, "load_lora_weights"):
         raise WrongTarget(f"{type(pipe).__name__} cannot load LoRA adapters")
+    module = getattr(pipe, component)
     name = f"cg_{patch_id[:16]}"
     if name in _lora_adapters(module):
         raise WrongTarget(f"patch {patch_id[:12]} is already applied to this pipeline")
     # Scale is folded into lora_B when a patch is made, so the adapter runs at weight 1.
-    pipe.load_lora_weights({k: v.clone() for k, v in tensors.items()}, adapter_name=name)
+    load_denoiser_lora(pipe, component, tensors, name)
     pipe.set_adapters([*_lora_adapters(module), name])
     return AppliedPatch(patch_id, "unet_lora", adapter_name=name)
 

@@ -208,7 +208,7 @@ class Patch:
         if not stack:
             module.__dict__["_conceptguard_base_fingerprint"] = base_fingerprint(module)
         if self.manifest.kind == "unet_lora":
-            record = kinds.apply_lora(self.id, self.tensors, pipe, module)
+            record = kinds.apply_lora(self.id, self.tensors, pipe, self.manifest.target.component)
         else:
             record = kinds.apply_weights(self.id, self.manifest, self.tensors, module)
         stack.append(record)

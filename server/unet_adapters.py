@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from patches.kinds import lora_pairs
+from patches.kinds import load_denoiser_lora, lora_pairs
 from patches.patch import Patch
 from patches.targets import denoiser_component
 
@@ -44,9 +44,7 @@ class UnetAdapters:
                 continue
             lora_pairs(patch.tensors, self.component)  # names checked before peft sees them
             name = adapter_name(patch.id)
-            self.pipe.load_lora_weights(
-                {k: v.clone() for k, v in patch.tensors.items()}, adapter_name=name
-            )
+            load_denoiser_lora(self.pipe, self.component, patch.tensors, name)
             self._loaded[patch.id] = name
             self._active = None  # loading may change which adapters peft has active
 
