@@ -168,7 +168,7 @@ def load_denoiser_lora(pipe, component: str, tensors, adapter_name: str) -> None
         {k: v.clone() for k, v in tensors.items()},
         prefix=component,
         adapter_name=adapter_name,
-        _pipeline=pipe,
+        _pipeline=pipe,  # as load_lora_weights passes it: keeps CPU offloading hooks intact
     )
 
 

@@ -18,6 +18,16 @@ def _esd(pipe, **overrides):
     return erase_esd(pipe, EsdConfig([ConceptSpec("cat", ("kitty",))], **{**QUICK, **overrides}))
 
 
+def _base_and_patched(pipe, patch: Patch, prompt: str = "a cat"):
+    """`prompt`'s image without and with `patch` (removed again afterwards)."""
+    base = generate(pipe, prompt)
+    patch.apply(pipe)
+    try:
+        return base, generate(pipe, prompt)
+    finally:
+        patch.remove(pipe)
+
+
 @pytest.mark.parametrize("mode", ["x", "u"])
 def test_mode_picks_the_adapted_modules(tiny_sd, mode):
     result = _esd(tiny_sd, mode=mode)
@@ -34,12 +44,7 @@ def test_the_file_is_a_stock_diffusers_lora(tiny_sd, tmp_path):
     patch = _esd(tiny_sd, steps=6, lr=1e-2).patch
     path = tmp_path / "esd.safetensors"
     patch.save(path)
-    base = generate(tiny_sd, "a cat")
-    Patch.load(path).apply(tiny_sd)
-    try:
-        ours = generate(tiny_sd, "a cat")
-    finally:
-        patch.remove(tiny_sd)
+    base, ours = _base_and_patched(tiny_sd, Patch.load(path))
     assert not np.array_equal(ours, base)
     np.testing.assert_array_equal(generate(tiny_sd, "a cat"), base)
     tiny_sd.load_lora_weights(str(path), adapter_name="stock")
@@ -74,12 +79,7 @@ def test_retain_term_keeps_unrelated_predictions(tiny_sd):
 def test_sdxl_u_net_with_its_added_conditioning(tiny_sdxl):
     result = _esd(tiny_sdxl, steps=4, lr=1e-2)
     assert all(".attn2." in n for n in result.patch.tensors)
-    base = generate(tiny_sdxl, "a cat")
-    result.patch.apply(tiny_sdxl)
-    try:
-        patched = generate(tiny_sdxl, "a cat")
-    finally:
-        result.patch.remove(tiny_sdxl)
+    base, patched = _base_and_patched(tiny_sdxl, result.patch)
     assert not np.array_equal(base, patched)
     assert result.report["concept_eps_shift"] > 0
 
@@ -89,12 +89,7 @@ def test_flux_transformer_lora(tiny_flux, tmp_path):
     names = list(result.patch.tensors)
     assert names and all(n.startswith("transformer.") and ".attn." in n for n in names)
     assert result.patch.manifest.target.component == "transformer"
-    base = generate(tiny_flux, "a cat")
-    result.patch.apply(tiny_flux)
-    try:
-        patched = generate(tiny_flux, "a cat")
-    finally:
-        result.patch.remove(tiny_flux)
+    base, patched = _base_and_patched(tiny_flux, result.patch)
     assert not np.array_equal(base, patched)
     np.testing.assert_array_equal(generate(tiny_flux, "a cat"), base)
 

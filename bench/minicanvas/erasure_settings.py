@@ -60,42 +60,37 @@ def _single_kind(concepts: list[str]) -> str:
     return kinds.pop()
 
 
+def _prompt_settings(concepts: list[str], retain: bool) -> dict[str, Any]:
+    """What every method's config takes from the world: concepts, kind, templates, retain."""
+    kind = _single_kind(concepts)
+    return dict(
+        concepts=[concept_spec(c) for c in concepts],
+        kind=kind,
+        templates=templates(kind),
+        retain_prompts=retain_prompts(set(concepts)) if retain else (),
+    )
+
+
 def hirm_config(concepts: list[str], variant: str, retain: bool = True, **overrides: Any):
     """A HiRM config for MiniCanvas concepts (all of one kind)."""
     from erasure.hirm import HirmConfig
 
-    kind = _single_kind(concepts)
     # lr 1e-3 (not the CLIP-L default 1e-4): measured on the committed model, circle, 4x4
     # cells x 2 seeds - lr 1e-4 left UA at 41% after 60 steps; 1e-3 gives 100% with IRA at
     # the base's (docs/BENCHMARKS.md).
     settings = dict(lr=1e-3, steps=60, progress=False)
     settings.update(overrides)
-    return HirmConfig(
-        concepts=[concept_spec(c) for c in concepts],
-        variant=variant,
-        kind=kind,
-        templates=templates(kind),
-        retain_prompts=retain_prompts(set(concepts)) if retain else (),
-        **settings,
-    )
+    return HirmConfig(variant=variant, **_prompt_settings(concepts, retain), **settings)
 
 
 def esd_config(concepts: list[str], mode: str, retain: bool = False, **overrides: Any):
     """An ESD config for MiniCanvas concepts (all of one kind)."""
     from erasure.esd import EsdConfig
 
-    kind = _single_kind(concepts)
     # Rank 1, lr 1e-3, 200 steps: of the settings tried (docs/BENCHMARKS.md) the first to
     # reach UA >= 90% with the other objects' IRA within 10 points. `retain` adds the
     # preservation term on the other concepts' captions (the sweep's --esd-retain-weight;
     # weight 10 kept IRA within 2 points of the base's).
     settings = dict(steps=200, batch=8, lr=1e-3, rank=1, progress=False)
     settings.update(overrides)
-    return EsdConfig(
-        concepts=[concept_spec(c) for c in concepts],
-        mode=mode,
-        kind=kind,
-        templates=templates(kind),
-        retain_prompts=retain_prompts(set(concepts)) if retain else (),
-        **settings,
-    )
+    return EsdConfig(mode=mode, **_prompt_settings(concepts, retain), **settings)

@@ -5,9 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from erasure.cli_args import concepts_from_args, templates_from_args
+from erasure.cli_args import (
+    add_output_arguments,
+    add_prompt_arguments,
+    add_retain_arguments,
+    concepts_from_args,
+    retain_prompts_from_args,
+    templates_from_args,
+)
 from erasure.esd.config import EsdConfig
-from erasure.prompts import PromptError, read_prompt_file
+from erasure.prompts import PromptError
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -20,15 +27,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
             "loads it too. SD 1.x/2.x and SDXL (U-Net) and Flux (transformer) pipelines."
         ),
     )
-    esd.add_argument("--model", required=True, help="diffusers pipeline folder or hub id")
-    esd.add_argument("--concept", action="append", required=True, help="concept (repeatable)")
-    esd.add_argument(
-        "--synonyms", action="append", default=[], help="comma-separated, per --concept"
-    )
+    add_prompt_arguments(esd)
     esd.add_argument("--mode", choices=("x", "u"), default="x")
-    esd.add_argument("--kind", choices=("object", "style"), default="object")
-    esd.add_argument("--template", action="append", default=[], help="template with {concept}")
-    esd.add_argument("--templates-file", help="one template per line")
     esd.add_argument("--rank", type=int, default=EsdConfig.rank)
     esd.add_argument("--steps", type=int, default=EsdConfig.steps)
     esd.add_argument("--lr", type=float, default=EsdConfig.lr)
@@ -45,18 +45,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         type=int,
         help="training image side in pixels (default: the model's; Flux 512)",
     )
-    esd.add_argument(
-        "--retain-prompts",
-        help="unrelated prompts whose predictions the LoRA must keep, one per line "
+    add_retain_arguments(
+        esd,
+        prompts_help="unrelated prompts whose predictions the LoRA must keep, one per line "
         "(a preservation term beyond the published ESD; off without this)",
+        weight_default=EsdConfig.retain_weight,
+        weight_help="weight of the preservation term",
     )
-    esd.add_argument("--retain-weight", type=float, default=EsdConfig.retain_weight)
-    esd.add_argument("--seed", type=int, default=0)
-    esd.add_argument("--device", default="cpu")
-    esd.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
-    esd.add_argument("--name", help="patch name recorded in the manifest")
-    esd.add_argument("-o", "--output", required=True, help="patch file to write")
-    esd.add_argument("--json", dest="json_out", help="write the run report as JSON here")
+    add_output_arguments(esd)
     esd.set_defaults(func=esd_command)
 
 
@@ -80,7 +76,7 @@ def config_from_args(args: argparse.Namespace) -> EsdConfig:
         sample_steps=args.sample_steps,
         t_range=(low, high),
         resolution=args.resolution,
-        retain_prompts=tuple(read_prompt_file(args.retain_prompts)) if args.retain_prompts else (),
+        retain_prompts=retain_prompts_from_args(args),
         retain_weight=args.retain_weight,
         seed=args.seed,
         device=args.device,

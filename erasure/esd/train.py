@@ -129,11 +129,7 @@ class _Trainer:
         def shift(states: Cond) -> float:
             x = self.den.noise(len(states), probe_generator)
             adapted = self.den.predict(x, mid, states)
-            self.unet.disable_adapters()
-            try:
-                base = self.den.predict(x, mid, states)
-            finally:
-                self.unet.enable_adapters()
+            base = self._base(x, mid, states)
             return float((adapted - base).norm() / base.norm())
 
         report = {

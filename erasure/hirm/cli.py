@@ -5,9 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from erasure.cli_args import concepts_from_args, templates_from_args
+from erasure.cli_args import (
+    add_output_arguments,
+    add_prompt_arguments,
+    add_retain_arguments,
+    concepts_from_args,
+    retain_prompts_from_args,
+    templates_from_args,
+)
 from erasure.hirm.config import VARIANTS, HirmConfig
-from erasure.prompts import PromptError, read_pair_file, read_prompt_file
+from erasure.prompts import PromptError, read_pair_file
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -20,32 +27,22 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
             "alone applies to all). SDXL gets two files, one per text encoder."
         ),
     )
-    hirm.add_argument("--model", required=True, help="diffusers pipeline folder or hub id")
-    hirm.add_argument("--concept", action="append", required=True, help="concept (repeatable)")
-    hirm.add_argument(
-        "--synonyms", action="append", default=[], help="comma-separated, per --concept"
-    )
+    add_prompt_arguments(hirm)
     hirm.add_argument("--anchor", action="append", default=[], help="super-category (HiRM-S)")
     hirm.add_argument("--variant", choices=VARIANTS, default="S")
-    hirm.add_argument("--kind", choices=("object", "style"), default="object")
-    hirm.add_argument(
-        "--template", action="append", default=[], help="prompt template with {concept}"
-    )
-    hirm.add_argument("--templates-file", help="one template per line")
     hirm.add_argument("--pairs", help="V: tab-separated 'with<TAB>without' prompt pairs")
-    hirm.add_argument("--retain-prompts", help="unrelated prompts to keep, one per line")
-    hirm.add_argument("--retain-weight", type=float, help="default 50 for R, 20 for S and V")
+    add_retain_arguments(
+        hirm,
+        prompts_help="unrelated prompts to keep, one per line",
+        weight_default=None,
+        weight_help="default 50 for R, 20 for S and V",
+    )
     hirm.add_argument("--blocks", default="0", help="trainable blocks, e.g. 0 or 0,1")
     hirm.add_argument("--steps", type=int, default=HirmConfig.steps)
     hirm.add_argument("--lr", type=float, default=HirmConfig.lr)
     hirm.add_argument("--scale", type=float, help="c (R: default 20x token norm; S: 1)")
     hirm.add_argument("--eta", type=float, default=HirmConfig.eta)
-    hirm.add_argument("--seed", type=int, default=0)
-    hirm.add_argument("--device", default="cpu")
-    hirm.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
-    hirm.add_argument("--name", help="patch name recorded in the manifest")
-    hirm.add_argument("-o", "--output", required=True, help="patch file to write")
-    hirm.add_argument("--json", dest="json_out", help="write the run report as JSON here")
+    add_output_arguments(hirm)
     hirm.set_defaults(func=hirm_command)
 
 
@@ -67,7 +64,7 @@ def config_from_args(args: argparse.Namespace) -> HirmConfig:
         scale=args.scale,
         eta=args.eta,
         pairs=read_pair_file(args.pairs) if args.pairs else None,
-        retain_prompts=tuple(read_prompt_file(args.retain_prompts)) if args.retain_prompts else (),
+        retain_prompts=retain_prompts_from_args(args),
         retain_weight=args.retain_weight,
         seed=args.seed,
         device=args.device,
