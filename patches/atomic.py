@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 
 def fsync_dir(directory: Path) -> None:
@@ -20,14 +22,16 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
-    """Replace `path` with `data` atomically. `tmp_dir` must be on the same filesystem."""
+@contextlib.contextmanager
+def atomic_writer(path: Path, tmp_dir: Path | None = None) -> Iterator[BinaryIO]:
+    """A handle whose content replaces `path` atomically when the block ends without an
+    exception (otherwise nothing changes). `tmp_dir` must be on the same filesystem."""
     path = Path(path)
     directory = tmp_dir or path.parent
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
@@ -36,6 +40,12 @@ def atomic_write_bytes(path: Path, data: bytes, tmp_dir: Path | None = None) -> 
             os.unlink(tmp_name)
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
+    """Replace `path` with `data` atomically. `tmp_dir` must be on the same filesystem."""
+    with atomic_writer(path, tmp_dir) as handle:
+        handle.write(data)
 
 
 def atomic_write_json(path: Path, data: object) -> None:

@@ -12,6 +12,8 @@ class ConceptGuardError(Exception):
     """Base of every error ConceptGuard raises on purpose (user-facing message)."""
 
     http_status = 500
+    # Seconds a client should wait before trying again (HTTP Retry-After), where that helps.
+    retry_after_s: int | None = None
 
 
 # --- a patch file that cannot be accepted on its own (malformed or hostile) ---------------
@@ -147,6 +149,29 @@ class RegistryCorrupt(RegistryError):
     """On-disk state that fails its own checks: never silently ignored."""
 
     http_status = 500
+
+
+class RegistryUnreadable(RegistryError):
+    """The registry's files cannot be read (permissions, I/O): nobody is served (fail closed)."""
+
+    http_status = 503
+
+
+class RegistryStateMissing(RegistryUnreadable):
+    """No state where a registry is expected (or once was): nothing is read or written, and
+    nobody is served, rather than starting an empty registry (fail closed)."""
+
+
+class RegistryExists(RegistryError):
+    """`init` or `recover` where a registry's state is present."""
+
+    http_status = 409
+
+
+class PatchExists(RegistryError):
+    """The same bytes are registered already, under another name than the one asked for."""
+
+    http_status = 409
 
 
 # --- models ------------------------------------------------------------------------------

@@ -8,6 +8,12 @@ Layout:
     DIR/blobs/<id>.safetensors    immutable, content-addressed patch files (id = sha256)
     DIR/tmp/                      temp files for atomic writes (same filesystem)
     DIR/lock                      the writers' lock file
+    DIR/registry.json             the marker: this registry exists (patches/registry_marker.py)
+
+A registry is created once, explicitly, in a location that holds no registry (state first,
+then the marker). From then on a missing state.json is an error for every reader and writer
+(`RegistryStateMissing`): never an empty registry, and never re-initialised over the patch
+files and marker of one that existed. `recover` puts a copy of the state back.
 
 Writers take an exclusive `flock` on DIR/lock, re-read state.json under it, write any new
 blob (temp file, fsync, rename, fsync dir) BEFORE the state.json that refers to it, then
@@ -19,32 +25,40 @@ DIR/tmp once it holds the lock. Deleting a patch drops its record first, then it
 Readers never lock: rename makes every state.json they open a whole one. They cache the
 parsed state keyed by the file's (inode, mtime, size), so `generation()` costs one `stat`;
 for a second after each write (see RACY_NS) they re-read the bytes, parsing only on change.
+
+Messages name files relative to the registry (`blobs/<id>.safetensors`), never by absolute
+path: they reach tenants inside 503 answers.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from patches.atomic import atomic_write_bytes
 from patches.errors import (
-    PatchFileError,
+    PatchExists,
     PatchInUse,
     PatchNotFound,
     RegistryCorrupt,
     RegistryError,
+    RegistryExists,
+    RegistryStateMissing,
+    RegistryUnreadable,
     TenantNotFound,
 )
 from patches.registry import Registry
+from patches.registry_blobs import BlobStore, check_file
+from patches.registry_marker import MARKER_NAME, RegistryMarker, read_marker, write_marker
 from patches.registry_records import (
     PatchRecord,
+    Registration,
     TenantRecord,
     append_history,
     check_patch_name,
@@ -77,33 +91,98 @@ class _Cached:
     trusted: bool
 
 
-def _validate(data: bytes, limits: FileLimits | None) -> Patch:
-    # Imported here: torch takes about a second to import and only validation needs it.
-    from patches.patch import Patch
-    from patches.patch_file import DEFAULT_LIMITS
-
-    return Patch.from_bytes(data, limits or DEFAULT_LIMITS)
-
-
 class LocalRegistry(Registry):
-    """A registry in directory `root` (created if missing); safe for many processes."""
+    """A registry in directory `root`; safe for many processes. With `create`, a location
+    that holds no registry (missing or empty) gets a new, empty one."""
 
-    def __init__(self, root: str | os.PathLike, limits: FileLimits | None = None) -> None:
+    def __init__(
+        self, root: str | os.PathLike, limits: FileLimits | None = None, create: bool = True
+    ) -> None:
         self.root = Path(root)
         self.limits = limits
         self._state_path = self.root / "state.json"
+        self._marker_path = self.root / MARKER_NAME
         self._blobs = self.root / "blobs"
         self._tmp = self.root / "tmp"
         self._lock_path = self.root / "lock"
+        self.blobs = BlobStore(self._blobs, self._tmp, limits)
         if self.root.exists() and not self.root.is_dir():
             raise RegistryError(f"registry location {self.root} exists and is not a directory")
-        for directory in (self.root, self._blobs, self._tmp):
-            directory.mkdir(parents=True, exist_ok=True)
         # Replaced whole, never changed, so reader threads always see a coherent entry.
         self._cache: _Cached | None = None
+        if create and not self._state_path.exists():
+            self._make_directories()
+            with self._locked():
+                if not self._state_path.exists() and not self._has_existed():
+                    self._initialise()
 
     def __repr__(self) -> str:
         return f"LocalRegistry({str(self.root)!r})"
+
+    # --- existence ----------------------------------------------------------------------
+
+    def _make_directories(self) -> None:
+        for directory in (self.root, self._blobs, self._tmp):
+            directory.mkdir(parents=True, exist_ok=True)
+
+    def _has_existed(self) -> bool:
+        return self._marker_path.exists() or self.blobs.count() > 0
+
+    def _initialise(self) -> None:
+        """Write the state of a new registry, then its marker (under the lock)."""
+        atomic_write_bytes(self._state_path, RegistryState().to_json(), tmp_dir=self._tmp)
+        write_marker(self._marker_path, RegistryMarker(now_iso(), 0), self._tmp)
+
+    def _missing_state(self) -> RegistryStateMissing:
+        blobs, marker = self.blobs.count(), self._marker_path.exists()
+        if not blobs and not marker:
+            return RegistryStateMissing(
+                "there is no registry here (no state.json, marker or patch files); create one "
+                "with `conceptguard registry init`"
+            )
+        found = f"its {MARKER_NAME} marker" if marker else "no marker"
+        return RegistryStateMissing(
+            f"the registry's state.json is missing, but a registry exists here ({found}, "
+            f"{blobs} patch file(s) in blobs/): nothing is served or changed rather than "
+            "starting an empty registry. Put state.json back, or restore a copy with "
+            "`conceptguard registry recover --from FILE`"
+        )
+
+    def create(self) -> None:
+        self._make_directories()
+        with self._locked():
+            if self._state_path.exists():
+                raise RegistryExists("a registry exists here already")
+            if self._has_existed():
+                raise self._missing_state()
+            self._initialise()
+
+    def recover(self, document: bytes) -> RegistryState:
+        try:
+            restored = RegistryState.from_json(document)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise RegistryCorrupt(
+                f"the file to recover from is not a registry state: {exc}"
+            ) from None
+        with self._locked():
+            if self._state_path.exists():
+                raise RegistryExists(
+                    "the registry's state.json is present; recover only restores a missing one"
+                )
+            problems = state_problems(restored)
+            for record in restored.patches.values():
+                problems += self.blobs.problems(record)
+            if problems:
+                raise RegistryCorrupt(
+                    f"the state cannot be restored ({len(problems)} problem(s)): "
+                    + "; ".join(problems[:5])
+                )
+            marker = read_marker(self._marker_path)
+            # Above every generation issued here, so no worker mistakes it for one it has.
+            issued = max(restored.generation, marker.generation if marker else 0)
+            state = replace(restored, generation=issued + 1)
+            self._save(state)
+        return state
 
     # --- reading ------------------------------------------------------------------------
 
@@ -112,18 +191,19 @@ class LocalRegistry(Registry):
         case unchanged bytes skip the parse."""
         try:
             st = os.stat(self._state_path)
-        except FileNotFoundError:
-            return RegistryState()
-        key, cached = (st.st_ino, st.st_mtime_ns, st.st_size), self._cache
-        if trust_stat and cached is not None and cached.trusted and cached.key == key:
-            return cached.state
-        read_at = time.time_ns()
-        try:
+            key, cached = (st.st_ino, st.st_mtime_ns, st.st_size), self._cache
+            if trust_stat and cached is not None and cached.trusted and cached.key == key:
+                return cached.state
+            read_at = time.time_ns()
             with open(self._state_path, "rb") as handle:
                 st = os.fstat(handle.fileno())
                 text = handle.read()
         except FileNotFoundError:
-            return RegistryState()
+            raise self._missing_state() from None
+        except OSError as exc:
+            raise RegistryUnreadable(
+                f"the registry's state.json cannot be read: {exc.strerror}"
+            ) from None
         if cached is not None and cached.text == text:
             state = cached.state
         else:
@@ -131,7 +211,7 @@ class LocalRegistry(Registry):
                 state = RegistryState.from_json(text)
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise RegistryCorrupt(
-                    f"{self._state_path} is not a valid registry state: {exc}"
+                    f"the registry's state.json is not a valid registry state: {exc}"
                 ) from exc
         key = (st.st_ino, st.st_mtime_ns, st.st_size)
         self._cache = _Cached(key, text, state, read_at - st.st_mtime_ns > RACY_NS)
@@ -156,35 +236,13 @@ class LocalRegistry(Registry):
     def list_patches(self) -> list[PatchRecord]:
         return sorted(self._snapshot().patches.values(), key=lambda r: (r.name, r.version))
 
-    def _blob_path(self, pid: str) -> Path:
-        return self._blobs / f"{pid}.safetensors"
-
     def get_patch_bytes(self, ref: str) -> bytes:
         pid = self.resolve(ref)
-        try:
-            return self._blob_path(pid).read_bytes()
-        except FileNotFoundError:
-            if pid in self._snapshot().patches:
-                raise RegistryCorrupt(
-                    f"patch {pid} is registered but its file {self._blob_path(pid)} is missing"
-                ) from None
-            raise PatchNotFound(f"patch {ref!r} was deleted while it was being read") from None
+        return self.blobs.read(pid, registered=pid in self._snapshot().patches)
 
     def load_patch(self, ref: str) -> Patch:
         pid = self.resolve(ref)
-        data = self.get_patch_bytes(pid)
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != pid:
-            raise RegistryCorrupt(
-                f"stored patch file {self._blob_path(pid)} hashes to {actual[:16]}..., "
-                f"not its id {pid[:16]}...: the file was changed or damaged on disk"
-            )
-        try:
-            return _validate(data, self.limits)
-        except PatchFileError as exc:
-            raise RegistryCorrupt(
-                f"stored patch {pid[:16]}... no longer passes validation: {exc}"
-            ) from exc
+        return self.blobs.load(pid, self.get_patch_bytes(pid))
 
     def get_tenant(self, tenant: str) -> TenantRecord:
         tenants = self._snapshot().tenants
@@ -199,42 +257,64 @@ class LocalRegistry(Registry):
     # --- writing ------------------------------------------------------------------------
 
     @contextmanager
-    def _writing(self) -> Iterator[RegistryState]:
-        """Hold the writer lock and yield the state as it is on disk now."""
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    def _locked(self) -> Iterator[None]:
+        """Hold the writers' lock; leftover temp files can only be a crashed writer's."""
+        try:
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            raise self._missing_state() from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             for entry in os.scandir(self._tmp):
                 if entry.is_file(follow_symlinks=False):
                     os.unlink(entry.path)
-            yield self._read_state()
+            yield
         finally:
             os.close(fd)  # releases the lock
 
+    @contextmanager
+    def _writing(self) -> Iterator[RegistryState]:
+        """Hold the writers' lock and yield the state as it is on disk now (which must exist:
+        a write never starts a registry)."""
+        with self._locked():
+            yield self._read_state()
+
     def _save(self, state: RegistryState) -> None:
+        # The marker's generation first: it must never be below a generation on disk.
+        marker = read_marker(self._marker_path)
+        if marker is None or marker.generation < state.generation:
+            created = marker.created_at if marker else now_iso()
+            write_marker(self._marker_path, RegistryMarker(created, state.generation), self._tmp)
         atomic_write_bytes(self._state_path, state.to_json(), tmp_dir=self._tmp)
 
-    def put_patch(
+    def put_patch_file(
         self,
-        data: bytes,
+        file: BinaryIO,
         name: str | None = None,
         check: Callable[[Patch], None] | None = None,
-    ) -> PatchRecord:
-        patch = _validate(data, self.limits)
+    ) -> Registration:
+        checked, patch = check_file(file, self.limits)
         if check is not None:
             check(patch)
-        name = check_patch_name(name) if name is not None else default_patch_name(patch)
-        pid = hashlib.sha256(data).hexdigest()
-        manifest = patch.manifest
+        named = name is not None
+        name = check_patch_name(name) if named else default_patch_name(patch)
+        pid, manifest = checked.sha256, checked.manifest
         with self._writing() as state:
-            if pid in state.patches:
-                return state.patches[pid]
+            existing = state.patches.get(pid)
+            if existing is not None:
+                if named and name != existing.name:
+                    raise PatchExists(
+                        f"this file is registered already as {existing.ref} (id "
+                        f"{pid[:12]}); a patch has one name: use {existing.ref!r}, or delete "
+                        f"it before registering it as {name!r}"
+                    )
+                return Registration(existing, created=False)
             version = state.next_version(name)
             record = PatchRecord(
                 id=pid,
                 name=name,
                 version=version,
-                size=len(data),
+                size=checked.size,
                 kind=manifest.kind,
                 method=manifest.method,
                 concepts=list(manifest.concepts),
@@ -243,10 +323,10 @@ class LocalRegistry(Registry):
                 registered_at=now_iso(),
             )
             # Blob first: a state.json must never name a file that is not complete on disk.
-            atomic_write_bytes(self._blob_path(pid), bytes(data), tmp_dir=self._tmp)
+            self.blobs.store(file, checked)
             versions = {**state.versions, name: version}
             self._save(state.next(patches={**state.patches, pid: record}, versions=versions))
-        return record
+        return Registration(record, created=True)
 
     def delete_patch(self, ref: str) -> PatchRecord:
         with self._writing() as state:
@@ -261,15 +341,20 @@ class LocalRegistry(Registry):
             patches = {k: v for k, v in state.patches.items() if k != pid}
             self._save(state.next(patches=patches))
             # Still under the lock, so a concurrent put of the same bytes cannot lose its file.
-            self._blob_path(pid).unlink(missing_ok=True)
+            self.blobs.path(pid).unlink(missing_ok=True)
         return record
 
-    def set_tenant(self, tenant: str, refs: Sequence[str]) -> TenantRecord:
+    def set_tenant(self, tenant: str, refs: Sequence[str], create: bool = True) -> TenantRecord:
         check_tenant_name(tenant)
         if isinstance(refs, str):
             raise TypeError("refs must be a sequence of patch references, not one string")
         refs = list(refs)
         with self._writing() as state:
+            if not create and tenant not in state.tenants:
+                raise TenantNotFound(
+                    f"{unknown_tenant(tenant, state.tenants)}; creating a tenant must be asked "
+                    "for (--create)"
+                )
             ids = tuple(resolve_ref(state.patches, ref) for ref in refs)
             check_stack(tenant, ids, refs)
             old = state.tenants.get(tenant)
@@ -305,23 +390,9 @@ class LocalRegistry(Registry):
     def check(self) -> list[str]:
         try:
             state = self._read_state()
-        except RegistryCorrupt as exc:
+        except (RegistryCorrupt, RegistryUnreadable) as exc:
             return [str(exc)]
         problems = []
         for record in state.patches.values():
-            problems += self._check_blob(record)
+            problems += self.blobs.problems(record)
         return problems + state_problems(state)
-
-    def _check_blob(self, record: PatchRecord) -> list[str]:
-        path = self._blob_path(record.id)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return [f"patch {record.ref} ({record.id[:12]}): file {path} is missing"]
-        if hashlib.sha256(data).hexdigest() != record.id or len(data) != record.size:
-            return [f"patch {record.ref} ({record.id[:12]}): {path} does not match its id"]
-        try:
-            _validate(data, self.limits)
-        except PatchFileError as exc:
-            return [f"patch {record.ref} ({record.id[:12]}): fails validation: {exc}"]
-        return []

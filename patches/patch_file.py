@@ -7,7 +7,6 @@ Pickles are never loaded.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import struct
@@ -35,6 +34,7 @@ from patches.errors import (
 )
 from patches.manifest import METADATA_KEY, Manifest
 from patches.targets import hash_named_tensors
+from patches.untrusted_json import TooDeeplyNested, loads_untrusted
 
 # Only floating dtypes a model is served in; anything else in a patch is refused.
 ALLOWED_DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -44,6 +44,10 @@ ALLOWED_DTYPES: dict[str, tuple[torch.dtype, int]] = {
 }
 _TENSOR_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,511}$")
 _MAX_NDIM = 8
+# A header is an object of objects holding lists of ints; a manifest's free-form `params`
+# and `eval` get some room. Anything deeper is refused before pydantic sees it.
+_HEADER_DEPTH = 4
+MANIFEST_DEPTH = 32
 
 
 @dataclass(frozen=True)
@@ -176,8 +180,10 @@ def parse_header(data: bytes | memoryview, file_size: int, limits: FileLimits) -
         )
     try:
         text = bytes(data[8 : 8 + header_len]).decode("utf-8")
-        header = json.loads(text, object_pairs_hook=_json_object_without_duplicates)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = loads_untrusted(text, _HEADER_DEPTH, _json_object_without_duplicates)
+    except TooDeeplyNested as exc:
+        raise HeaderNotJSON(f"the safetensors header is not a header: {exc}") from None
+    except ValueError as exc:  # UnicodeDecodeError and json.JSONDecodeError among them
         raise HeaderNotJSON(
             f"the safetensors header is not valid UTF-8 JSON ({exc}); is this a safetensors file?"
         ) from None
@@ -244,32 +250,46 @@ def parse_manifest(metadata: dict[str, str], limits: FileLimits) -> Manifest:
             f"the manifest is {len(raw)} bytes; at most {limits.max_manifest_bytes} are accepted"
         )
     try:
-        decoded = json.loads(raw)
-    except json.JSONDecodeError as exc:
+        decoded = loads_untrusted(raw, MANIFEST_DEPTH)
+    except TooDeeplyNested as exc:
+        raise ManifestNotJSON(f"the '{METADATA_KEY}' manifest is refused: {exc}") from None
+    except ValueError as exc:
         raise ManifestNotJSON(f"the '{METADATA_KEY}' manifest is not JSON ({exc})") from None
     if not isinstance(decoded, dict):
         raise ManifestNotJSON(f"the '{METADATA_KEY}' manifest must be a JSON object")
     return Manifest.parse(decoded)
 
 
-def check_tensor_values(tensors: dict[str, torch.Tensor], manifest: Manifest) -> None:
-    """Finite values, and data that matches the manifest's content hash."""
-    for name, tensor in tensors.items():
-        finite = torch.isfinite(tensor)
-        if not bool(finite.all()):
-            nan = int(torch.isnan(tensor).sum())
-            inf = int((~finite).sum()) - nan
-            raise NonFiniteValues(
-                f"tensor '{name}' holds {nan} NaN and {inf} infinite values; every value "
-                "must be finite"
-            )
-    actual = hash_named_tensors(tensors.items(), None)
+def non_finite_counts(tensor: torch.Tensor) -> tuple[int, int]:
+    """(NaN count, infinite count) of `tensor`."""
+    finite = torch.isfinite(tensor)
+    if bool(finite.all()):
+        return 0, 0
+    nan = int(torch.isnan(tensor).sum())
+    return nan, int((~finite).sum()) - nan
+
+
+def refuse_non_finite(name: str, nan: int, inf: int) -> None:
+    if nan or inf:
+        raise NonFiniteValues(
+            f"tensor '{name}' holds {nan} NaN and {inf} infinite values; every value must be finite"
+        )
+
+
+def refuse_content_hash(actual: str, manifest: Manifest) -> None:
     if actual != manifest.content_sha256:
         raise ContentHashMismatch(
             f"the tensor data hashes to {actual[:12]}..., but the manifest says "
             f"{manifest.content_sha256[:12]}...: the file was corrupted or edited after it "
             "was made"
         )
+
+
+def check_tensor_values(tensors: dict[str, torch.Tensor], manifest: Manifest) -> None:
+    """Finite values, and data that matches the manifest's content hash."""
+    for name, tensor in tensors.items():
+        refuse_non_finite(name, *non_finite_counts(tensor))
+    refuse_content_hash(hash_named_tensors(tensors.items(), None), manifest)
 
 
 def decode_patch_bytes(

@@ -3,20 +3,23 @@
 `Registry` is the small interface every backend implements (a local directory now, an
 S3-compatible bucket later). Records crossing it are frozen dataclasses with `to_dict()` for
 JSON output. Every write bumps one registry-wide `generation`, which server workers poll
-before each batch to learn that something changed.
+before each batch to learn that something changed. A registry is created explicitly; once
+it exists, a missing state is an error, never an empty registry (fail closed).
 """
 
 from __future__ import annotations
 
+import io
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from patches.errors import RegistryError
 from patches.registry_records import (
     HISTORY_LIMIT,
     PatchRecord,
+    Registration,
     StackEntry,
     TenantRecord,
     resolve_ref,
@@ -29,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = [
     "HISTORY_LIMIT",
     "PatchRecord",
+    "Registration",
     "Registry",
     "StackEntry",
     "TenantRecord",
@@ -53,14 +57,26 @@ class Registry(ABC):
         `generation` when nothing changed), so a reader never mixes two generations."""
 
     @abstractmethod
+    def put_patch_file(
+        self,
+        file: BinaryIO,
+        name: str | None = None,
+        check: Callable[[Patch], None] | None = None,
+    ) -> Registration:
+        """Validate the seekable binary `file` in bounded memory (and run `check` on it, a
+        Patch whose tensors are on the meta device: names, dtypes and shapes) before writing
+        anything; register it as a new version of `name` (default: the manifest's name, which
+        must be a plain patch name). Bytes registered already are not stored again: their
+        record comes back with `created` False, or PatchExists when `name` is another."""
+
     def put_patch(
         self,
         data: bytes,
         name: str | None = None,
         check: Callable[[Patch], None] | None = None,
     ) -> PatchRecord:
-        """Validate `data` (and run `check`) before writing anything; register it as a new
-        version of `name`. Identical bytes return the existing record unchanged."""
+        """`put_patch_file` for bytes in memory; the record."""
+        return self.put_patch_file(io.BytesIO(data), name, check).record
 
     @abstractmethod
     def get_patch_bytes(self, ref: str) -> bytes:
@@ -87,8 +103,9 @@ class Registry(ABC):
         """Remove a patch no tenant's current stack uses; returns its former record."""
 
     @abstractmethod
-    def set_tenant(self, tenant: str, refs: Sequence[str]) -> TenantRecord:
-        """Make `refs` (resolved to ids, applied in order) the tenant's stack."""
+    def set_tenant(self, tenant: str, refs: Sequence[str], create: bool = True) -> TenantRecord:
+        """Make `refs` (resolved to ids, applied in order) the tenant's stack. Without
+        `create`, a tenant with no record is refused (TenantNotFound): typos stay visible."""
 
     @abstractmethod
     def get_tenant(self, tenant: str) -> TenantRecord:
@@ -110,9 +127,22 @@ class Registry(ABC):
     def check(self) -> list[str]:
         """Consistency problems found in the stored state (empty when consistent)."""
 
+    @abstractmethod
+    def create(self) -> None:
+        """Start a new, empty registry here; RegistryExists where one is, RegistryStateMissing
+        where one was (its marker or patch files remain)."""
 
-def open_registry(location: str | Path) -> Registry:
-    """The registry at `location`: a local directory (created if missing)."""
+    @abstractmethod
+    def recover(self, document: bytes) -> RegistryState:
+        """Restore a copy of the state (`document`, a state.json) where the state is missing,
+        after checking it and the patch files it names; it gets a generation above any this
+        registry issued, so every worker rebuilds from it."""
+
+
+def open_registry(location: str | Path, create: bool = True) -> Registry:
+    """The registry at `location`, a local directory. With `create`, a location holding no
+    registry (missing or empty) gets a new, empty one; one whose state is missing is never
+    re-initialised (reading or writing it raises RegistryStateMissing)."""
     text = str(location)
     scheme, sep, _ = text.partition("://")
     if sep:
@@ -122,4 +152,4 @@ def open_registry(location: str | Path) -> Registry:
         )
     from patches.local_registry import LocalRegistry
 
-    return LocalRegistry(Path(text))
+    return LocalRegistry(Path(text), create=create)

@@ -3,6 +3,10 @@
 Every command prints a short human-readable answer, or JSON with `--json` (given before the
 command: `conceptguard registry --json ls`). Refusals end in one line on stderr (exit 2,
 from the dispatcher); `check` exits 1 when it finds problems.
+
+Commands that only read (`ls`, `show`, `check`) never create a registry; `init` creates one
+explicitly (`put` and `assign --create` do in a location that holds none). A registry whose
+state.json is missing is refused by every command but `check` and `recover`.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON")
     commands = parser.add_subparsers(dest="registry_command", metavar="COMMAND", required=True)
 
+    commands.add_parser("init", help="create a new, empty registry").set_defaults(func=init_command)
     commands.add_parser("ls", help="list patches and tenants").set_defaults(func=ls_command)
 
     put = commands.add_parser("put", help="validate and register a patch file")
@@ -39,6 +44,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     assign = commands.add_parser("assign", help="set a tenant's patch stack (none: clear it)")
     assign.add_argument("tenant")
     assign.add_argument("refs", nargs="*", metavar="REF", help="patches, applied in order")
+    assign.add_argument(
+        "--create", action="store_true", help="the tenant has no record yet: make one"
+    )
     assign.set_defaults(func=assign_command)
 
     rollback = commands.add_parser("rollback", help="return a tenant to an earlier stack")
@@ -56,13 +64,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         func=check_command
     )
 
+    recover = commands.add_parser(
+        "recover", help="restore a missing state.json from a copy (a backup, or the moved file)"
+    )
+    recover.add_argument("--from", dest="source", required=True, metavar="FILE")
+    recover.set_defaults(func=recover_command)
+
 
 def _location(args: argparse.Namespace) -> str:
     return args.dir or os.environ.get(ENV_DIR) or "registry"
 
 
-def _open(args: argparse.Namespace) -> Registry:
-    return open_registry(_location(args))
+def _open(args: argparse.Namespace, create: bool = False) -> Registry:
+    return open_registry(_location(args), create=create)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -124,14 +138,24 @@ def ls_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def put_command(args: argparse.Namespace) -> int:
+def init_command(args: argparse.Namespace) -> int:
     registry = _open(args)
-    record = registry.put_patch(Path(args.file).read_bytes(), name=args.name)
-    generation = registry.generation()
+    registry.create()
+    print(f"created an empty registry at {_location(args)}")
+    return 0
+
+
+def put_command(args: argparse.Namespace) -> int:
+    with open(args.file, "rb") as file:
+        registry = _open(args, create=True)
+        registered = registry.put_patch_file(file, name=args.name)
+    record, generation = registered.record, registry.generation()
     if args.json:
-        _print_json({**record.to_dict(), "generation": generation})
+        _print_json({**record.to_dict(), "generation": generation, "created": registered.created})
     else:
         _print_patch(record, generation)
+        if not registered.created:
+            print("  (registered already: nothing changed)")
     return 0
 
 
@@ -154,8 +178,9 @@ def _tenant_result(registry: Registry, record: TenantRecord, args: argparse.Name
 
 
 def assign_command(args: argparse.Namespace) -> int:
-    registry = _open(args)
-    return _tenant_result(registry, registry.set_tenant(args.tenant, args.refs), args)
+    registry = _open(args, create=args.create)
+    record = registry.set_tenant(args.tenant, args.refs, create=args.create)
+    return _tenant_result(registry, record, args)
 
 
 def rollback_command(args: argparse.Namespace) -> int:
@@ -180,3 +205,13 @@ def check_command(args: argparse.Namespace) -> int:
         n_patches, n_tenants = len(registry.list_patches()), len(registry.list_tenants())
         print(f"ok: generation {registry.generation()}, {n_patches} patches, {n_tenants} tenants")
     return 1 if problems else 0
+
+
+def recover_command(args: argparse.Namespace) -> int:
+    registry = _open(args)
+    state = registry.recover(Path(args.source).read_bytes())
+    print(
+        f"restored the registry's state from {args.source}: generation {state.generation}, "
+        f"{len(state.patches)} patches, {len(state.tenants)} tenants"
+    )
+    return 0

@@ -94,6 +94,14 @@ class PatchRecord:
 
 
 @dataclass(frozen=True)
+class Registration:
+    """What registering a file did: its record, and whether the bytes were new."""
+
+    record: PatchRecord
+    created: bool
+
+
+@dataclass(frozen=True)
 class StackEntry:
     """One change of a tenant's stack: what it became, at which generation, and how."""
 
@@ -157,12 +165,20 @@ def check_patch_name(name: str) -> str:
 
 
 def default_patch_name(patch: Patch) -> str:
-    """manifest.name, else "method-concept1+concept2", squeezed into a valid patch name."""
+    """The manifest's name, which must already be a plain patch name (a name such as
+    '../../x' is refused, never squeezed into another patch's 'x'); without one,
+    "method-concept1+concept2" with other characters replaced by '-'."""
     manifest = patch.manifest
-    raw = manifest.name or f"{manifest.method}-{'+'.join(manifest.concepts)}"
-    name = re.sub(r"[^a-z0-9._+-]+", "-", raw.lower()).lstrip("._+-")[:80].rstrip("-")
-    if not name:
-        return "patch"
+    if manifest.name:
+        if not _is_patch_name(manifest.name):
+            raise InvalidName(
+                f"the patch file names itself {manifest.name[:100]!r}, which is not a plain "
+                f"patch name ({PATCH_NAME_RULE}); register it with an explicit name"
+            )
+        return manifest.name
+    raw = f"{manifest.method}-{'+'.join(manifest.concepts)}"
+    # Nothing is stripped from the front, so a name never collapses into an unrelated one.
+    name = re.sub(r"[^a-z0-9._+-]+", "-", raw.lower())[:80].rstrip("-")
     return name if _is_patch_name(name) else f"patch-{name}"[:80]
 
 

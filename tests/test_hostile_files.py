@@ -114,6 +114,20 @@ CASES = [
         "must be a JSON object",
     ),
     Case(
+        "header-nesting-bomb",
+        lambda p, q: struct.pack("<Q", 200_000) + b"[" * 100_000 + b"]" * 100_000,
+        errors.HeaderNotJSON,
+        "nested more than 4 levels",
+    ),
+    Case(
+        "manifest-nesting-bomb",
+        lambda p, q: _with_manifest(
+            p.to_bytes(), lambda m: m.update(params={"x": json.loads("[" * 900 + "]" * 900)})
+        ),
+        errors.ManifestNotJSON,
+        "nested more than 32 levels",
+    ),
+    Case(
         "plain-checkpoint",
         lambda p, q: save_safetensors({"w": torch.zeros(2)}),
         errors.MissingManifest,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ from patches.errors import (
     BaseFingerprintMismatch,
     InvalidName,
     NothingToRollBack,
+    PatchExists,
     PatchFileError,
     PatchInUse,
     PatchNotFound,
@@ -88,10 +90,15 @@ def test_a_deleted_version_number_is_never_reused(registry, files):
     assert registry.check() == []
 
 
-def test_re_putting_identical_bytes_is_idempotent(registry, files):
+def test_re_putting_identical_bytes_is_idempotent_and_honest(registry, files):
     record = registry.put_patch(files[0])
     generation = registry.generation()
-    assert registry.put_patch(files[0], name="another-name") == record
+    again = registry.put_patch_file(io.BytesIO(files[0]))
+    assert (again.record, again.created) == (record, False)
+    assert registry.put_patch(files[0], name=record.name) == record
+    # Another name for the same bytes is refused, naming the one they have.
+    with pytest.raises(PatchExists, match="registered already as test-concept0@1"):
+        registry.put_patch(files[0], name="another-name")
     assert registry.generation() == generation
     assert len(registry.list_patches()) == 1
 
@@ -352,7 +359,8 @@ def test_cli_round_trip(tmp_path, files):
     _refused(_cli(registry_dir, "put", str(bad)), "TruncatedFile")
     _refused(_cli(registry_dir, "put", str(tmp_path / "missing.safetensors")), "missing")
 
-    assign = _cli(registry_dir, "assign", "acme", "circle")
+    _refused(_cli(registry_dir, "assign", "acme", "circle"), "--create")
+    assign = _cli(registry_dir, "assign", "acme", "circle", "--create")
     assert assign.returncode == 0 and "circle@1" in assign.stdout, assign.stderr
     _refused(_cli(registry_dir, "rm", "circle"), "PatchInUse")
     _refused(_cli(registry_dir, "rollback", "acme"), "NothingToRollBack")
