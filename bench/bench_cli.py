@@ -46,7 +46,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ("serve-load", "bench.serve_load"),
         ("serve-throughput", "bench.serve_throughput"),
         ("hirm-cost", "bench.hirm_cost"),
-        ("unet-switch", "bench.unet_switch"),
+        ("mixed-stacks", "bench.mixed_stacks"),
     ):
         runner = commands.add_parser(
             name, add_help=False, prefix_chars="+", help=f"{module}: see --help"

@@ -11,6 +11,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,3 +138,54 @@ def start_bench_server(
         time.sleep(0.25)
     server.stop()
     raise RuntimeError(f"server not ready after {ready_s} s:\n{log.read_text()}")
+
+
+def stage_sums(server: BenchServer) -> dict[str, float]:
+    """Seconds per stage summed over the workers, and the batch count, from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    response = requests.get(server.url + "/metrics", headers=headers, timeout=30)
+    response.raise_for_status()
+    text = response.text
+    sums: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "conceptguard_stage_seconds_sum":
+                stage = sample.labels["stage"]
+                sums[stage] = sums.get(stage, 0.0) + sample.value
+            elif sample.name == "conceptguard_batch_requests_count":
+                sums["batches"] = sums.get("batches", 0.0) + sample.value
+    return sums
+
+
+def timed_phase(
+    server: BenchServer, jobs: Sequence[tuple[str, dict[str, Any]]], clients: int
+) -> dict[str, Any]:
+    """Send (tenant, body) jobs from `clients` threads: images/s, seconds, batches, each
+    stage's seconds per batch, and the `conceptguard` record of every response."""
+
+    def send(job: tuple[str, dict[str, Any]]) -> dict[str, Any]:
+        tenant, body = job
+        response = server.generate(tenant, body)
+        if response.status_code != 200:
+            raise RuntimeError(f"{tenant}: HTTP {response.status_code}: {response.text[:300]}")
+        payload = response.json()
+        return {**payload["conceptguard"], "images": len(payload["data"])}
+
+    before = stage_sums(server)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        records = list(pool.map(send, jobs))
+    seconds = time.perf_counter() - started
+    after = stage_sums(server)
+    batches = max(1.0, after.get("batches", 0) - before.get("batches", 0))
+    result: dict[str, Any] = {
+        "images_per_s": sum(r["images"] for r in records) / seconds,
+        "seconds": seconds,
+        "batches": batches,
+    }
+    for stage in ("text_encode", "denoise", "decode"):
+        result[f"{stage}_s_per_batch"] = (after.get(stage, 0.0) - before.get(stage, 0.0)) / batches
+    result["records"] = records
+    return result

@@ -18,54 +18,22 @@ import json
 import statistics
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-
-import requests
-from prometheus_client.parser import text_string_to_metric_families
 
 TENANTS = [f"t{i:02d}" for i in range(16)]
 PROMPTS = ["a red circle", "a blue square on grass", "two green triangles", "a yellow star"]
 
 
-def _stage_sums(server) -> dict[str, float]:
-    text = requests.get(server.url + "/metrics", timeout=30).text
-    sums: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "conceptguard_stage_seconds_sum":
-                stage = sample.labels["stage"]
-                sums[stage] = sums.get(stage, 0.0) + sample.value
-            elif sample.name == "conceptguard_batch_requests_count":
-                sums["batches"] = sums.get("batches", 0.0) + sample.value
-    return sums
-
-
 def _phase(server, tenants: list[str], args: argparse.Namespace) -> dict[str, float]:
-    bodies = [
+    from bench.serve_harness import timed_phase
+
+    jobs = [
         (tenants[i % len(tenants)], {"prompt": PROMPTS[i % 4], "seed": i, "steps": args.steps})
         for i in range(args.requests)
     ]
-
-    def send(job):
-        tenant, body = job
-        response = server.generate(tenant, body)
-        if response.status_code != 200:
-            raise RuntimeError(f"{tenant}: HTTP {response.status_code}: {response.text[:300]}")
-        return len(response.json()["data"])
-
-    before = _stage_sums(server)
-    started = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=args.clients) as pool:
-        images = sum(pool.map(send, bodies))
-    seconds = time.perf_counter() - started
-    after = _stage_sums(server)
-    batches = max(1.0, after.get("batches", 0) - before.get("batches", 0))
-    result = {"images_per_s": images / seconds, "seconds": seconds, "batches": batches}
-    for stage in ("text_encode", "denoise", "decode"):
-        per_batch = (after.get(stage, 0.0) - before.get(stage, 0.0)) / batches
-        result[f"{stage}_s_per_batch"] = per_batch
+    result = timed_phase(server, jobs, args.clients)
+    del result["records"]
     return result
 
 

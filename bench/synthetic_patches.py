@@ -1,6 +1,6 @@
-"""Synthetic text-encoder patches for serving benchmarks: real patch files whose edit is
-seeded noise on chosen blocks (serving cost depends on what a patch touches, not on what it
-erases)."""
+"""Synthetic patches for serving benchmarks: real patch files whose edit is seeded noise on
+the layers a method would touch (serving cost depends on what a patch touches, not on what
+it erases): text-encoder blocks (HiRM-shaped) and U-Net LoRA adapters (ESD-shaped)."""
 
 from __future__ import annotations
 
@@ -31,4 +31,33 @@ def noise_patch(pipe: Any, seed: int, blocks: Sequence[int] = (0,), scale: float
         method="bench-noise",
         concepts=[f"noise{seed}"],
         tensors=tensors,
+    )
+
+
+def lora_noise_patch(pipe: Any, seed: int, rank: int = 4, mode: str = "x") -> Patch:
+    """A unet_lora patch shaped like ESD's (`mode` x: cross-attention; u: the rest), with
+    seeded random factors of the size a trained adapter has."""
+    import re
+
+    from erasure.esd.config import TARGET_MODULES
+    from patches.targets import denoiser_component
+
+    component = denoiser_component(pipe)
+    pattern = re.compile(TARGET_MODULES[component][mode])
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, module in getattr(pipe, component).named_modules():
+        if isinstance(module, torch.nn.Linear) and pattern.fullmatch(name):
+            a = torch.randn(rank, module.in_features, generator=generator) / module.in_features**0.5
+            b = 0.05 * torch.randn(module.out_features, rank, generator=generator)
+            tensors[f"{component}.{name}.lora_A.weight"] = a
+            tensors[f"{component}.{name}.lora_B.weight"] = b
+    return Patch.create(
+        pipe=pipe,
+        kind="unet_lora",
+        component=component,
+        method="bench-lora",
+        concepts=[f"lora{seed}"],
+        tensors=tensors,
+        params={"rank": rank, "esd_mode": mode},
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -23,6 +24,7 @@ from patches.errors import (
 )
 from patches.manifest import Manifest
 from patches.targets import base_named_parameters
+from patches.unet_modules import build_module, whole_batch_hook
 
 _LORA_KEY = re.compile(
     r"^(?P<component>unet|transformer)\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$"
@@ -37,6 +39,7 @@ class AppliedPatch:
     kind: str
     originals: dict[str, torch.Tensor] = field(default_factory=dict)
     adapter_name: str | None = None
+    hook: Any = None  # a unet_module's forward pre-hook handle
 
 
 def applied_stack(module: torch.nn.Module) -> list[AppliedPatch]:
@@ -136,9 +139,15 @@ def lora_pairs(tensors: dict[str, torch.Tensor], component: str) -> dict[str, tu
     return pairs
 
 
-def verify_lora(manifest: Manifest, tensors, layers: Mapping[str, tuple[int, int]]) -> None:
+def verify_lora(
+    manifest: Manifest,
+    tensors,
+    layers: Mapping[str, tuple[int, int]],
+    kernels: Mapping[str, tuple[int, ...]],
+) -> None:
     """Every LoRA pair adapts a Linear/Conv2d layer of the component (`layers`: path ->
-    (fan in, fan out)) with matching sizes."""
+    (fan in, fan out); `kernels`: Conv2d path -> kernel size) with matching sizes, laid out
+    as peft makes it (a convolution's lora_A has the layer's kernel, its lora_B is 1x1)."""
     component = manifest.target.component
     for path, (a, b) in lora_pairs(tensors, component).items():
         if path not in layers:
@@ -151,6 +160,17 @@ def verify_lora(manifest: Manifest, tensors, layers: Mapping[str, tuple[int, int
             raise ShapeMismatch(
                 f"the LoRA for '{path}' maps {a.shape[1]} -> {b.shape[0]} features but the "
                 f"layer maps {fan_in} -> {fan_out}"
+            )
+        kernel = kernels.get(path)
+        if kernel:
+            layer = f"a convolution with kernel {list(kernel)}"
+            fits = a.dim() == 4 and a.shape[2:] == kernel and b.shape[2:] == (1, 1)
+        else:
+            layer, fits = "a Linear layer", a.dim() == 2
+        if not fits:
+            raise ShapeMismatch(
+                f"the LoRA for '{path}' has lora_A {list(a.shape)} and lora_B "
+                f"{list(b.shape)}, which do not fit {layer}"
             )
 
 
@@ -193,3 +213,14 @@ def remove_lora(record: AppliedPatch, pipe, module) -> None:
     else:
         # The last adapter: unwrap peft's layers too, so the module tree is the base's again.
         pipe.unload_lora_weights()
+
+
+# --- unet_module: an added module on the U-Net's skip connections -------------------------
+
+
+def apply_module(patch_id: str, manifest: Manifest, tensors, unet) -> AppliedPatch:
+    """Build the patch's module (patches/unet_modules.py) and add its residuals to every
+    forward of the U-Net; removing the patch removes the hook."""
+    module = build_module(manifest.params, tensors, unet)
+    handle = unet.register_forward_pre_hook(whole_batch_hook(module), with_kwargs=True)
+    return AppliedPatch(patch_id, "unet_module", hook=handle)

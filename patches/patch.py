@@ -35,6 +35,7 @@ from patches.targets import (
     module_dtype_name,
     pipeline_family,
 )
+from patches.unet_modules import verify_module
 
 
 def base_fingerprint(module: torch.nn.Module) -> tuple[str, str]:
@@ -189,12 +190,9 @@ class Patch:
         if kind in ("text_encoder", "unet_weights"):
             kinds.verify_weights(self.tensors, signature.parameters, component)
         elif kind == "unet_lora":
-            kinds.verify_lora(self.manifest, self.tensors, signature.layers)
+            kinds.verify_lora(self.manifest, self.tensors, signature.layers, signature.kernels)
         else:
-            raise WrongTarget(
-                f"unet_module patches (module type {self.manifest.params.get('module_type')!r})"
-                " cannot be applied by this ConceptGuard version: no module type is available"
-            )
+            verify_module(self.manifest.params, self.tensors, signature.parameters)
 
     # --- applying -------------------------------------------------------------------
 
@@ -209,6 +207,8 @@ class Patch:
             module.__dict__["_conceptguard_base_fingerprint"] = base_fingerprint(module)
         if self.manifest.kind == "unet_lora":
             record = kinds.apply_lora(self.id, self.tensors, pipe, self.manifest.target.component)
+        elif self.manifest.kind == "unet_module":
+            record = kinds.apply_module(self.id, self.manifest, self.tensors, module)
         else:
             record = kinds.apply_weights(self.id, self.manifest, self.tensors, module)
         stack.append(record)
@@ -226,5 +226,7 @@ class Patch:
         record = stack.pop()
         if record.adapter_name:
             kinds.remove_lora(record, pipe, module)
+        elif record.hook is not None:
+            record.hook.remove()
         else:
             kinds.remove_weights(record, module)

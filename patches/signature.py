@@ -2,16 +2,16 @@
 
 A `ModelSignature` holds, per patchable component: the base fingerprint in the dtype it is
 served in, every base parameter's shape, and the fan-in/fan-out of every Linear and Conv2d
-layer (LoRA targets). `Patch.verify` checks against it, so a process that only checks
-uploads (the server's API process) can keep a signature of a few hundred KB instead of a
-copy of the model. Signatures of a live pipeline are built on the fly and give the same
-verdicts as before.
+layer (LoRA targets) and each Conv2d's kernel size. `Patch.verify` checks against it, so a
+process that only checks uploads (the server's API process) can keep a signature of a few
+hundred KB instead of a copy of the model. Signatures of a live pipeline are built on the
+fly and give the same verdicts as before.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,6 +28,7 @@ class ComponentSignature:
     fingerprint: str  # of the unpatched base, in `dtype`
     parameters: Mapping[str, tuple[int, ...]]
     layers: Mapping[str, tuple[int, int]]  # Linear / Conv2d path -> (fan in, fan out)
+    kernels: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # Conv2d path -> size
 
     @classmethod
     def of(cls, name: str, module: torch.nn.Module, owner: str) -> ComponentSignature:
@@ -35,7 +36,7 @@ class ComponentSignature:
 
         dtype, digest = base_fingerprint(module)
         parameters = {n: tuple(p.shape) for n, p in base_named_parameters(module)}
-        layers = {}
+        layers, kernels = {}, {}
         for path, layer in module.named_modules():
             if ".lora_" in path or path.split(".")[-1].startswith("lora_"):
                 continue
@@ -44,7 +45,8 @@ class ComponentSignature:
                 layers[path] = (layer.in_features, layer.out_features)
             elif isinstance(layer, torch.nn.Conv2d):
                 layers[path] = (layer.in_channels, layer.out_channels)
-        return cls(name, owner, dtype, digest, parameters, layers)
+                kernels[path] = tuple(layer.kernel_size)
+        return cls(name, owner, dtype, digest, parameters, layers, kernels)
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,9 @@
 call per group of rows that can share it, one VAE decode per group.
 
 Rows share a denoiser call when they agree on everything the pipeline takes as a scalar (size,
-steps, guidance scale) and on their U-Net stack (LoRA adapters, activated per group);
-text-encoder patches do not split a batch, because they are already folded into the prompt
-embeddings. Every image row gets its own generator, seeded from
+steps, guidance scale), whatever their tenants' patches: text-encoder patches are folded
+into the prompt embeddings, and denoiser patches are applied per row inside the one call
+(server/denoiser_routing.py). Every image row gets its own generator, seeded from
 its request (image j of a request with seed s uses s + j), so an image does not depend on what
 it was batched with beyond floating-point rounding (see docs/API.md).
 
@@ -24,10 +24,11 @@ import torch
 from patches.errors import ConceptGuardError
 from patches.targets import pipeline_family
 from server.config import Limits
-from server.errors import GenerationFailed
+from server.denoiser_routing import DenoiserRouter
+from server.denoiser_stacks import DenoiserStack
+from server.errors import GenerationFailed, InvalidRequest
 from server.schemas import WorkItem
 from server.text_encoding import PromptEncoder, TextPlan
-from server.unet_adapters import UnetAdapters
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class Row:
 
     item: WorkItem
     plan: TextPlan | None
-    unet_stack: tuple[str, ...] = ()
+    denoiser: DenoiserStack | None = None
 
 
 @dataclass
@@ -47,6 +48,7 @@ class BatchResult:
 
     outputs: list[list[Any] | ConceptGuardError]
     timings: dict[str, float] = field(default_factory=dict)
+    denoiser_calls: int = 0  # denoiser forwards over all groups: one per step per group
 
 
 def _denoise_key(row: Row, limits: Limits, native: int) -> tuple:
@@ -56,7 +58,6 @@ def _denoise_key(row: Row, limits: Limits, native: int) -> tuple:
         request.dimensions(native),
         request.steps or limits.default_steps,
         limits.default_guidance_scale if guidance is None else guidance,
-        row.unet_stack,
     )
 
 
@@ -96,37 +97,75 @@ def _repeat_rows(tensors: dict[str, torch.Tensor], rows: Sequence[int], counts: 
     }
 
 
-def generate_batch(
-    pipe: Any,
-    encoder: PromptEncoder,
-    rows: Sequence[Row],
-    limits: Limits,
-    adapters: UnetAdapters | None = None,
-) -> BatchResult:
-    """Images for every row (a list per row, in request order) or the row's error."""
-    result = BatchResult(outputs=[GenerationFailed("not generated")] * len(rows))
-    if not rows:
-        return result
-    native = native_size(pipe)
-    started = time.perf_counter()
+def _encode(encoder: PromptEncoder, rows: Sequence[Row]) -> dict[str, Any]:
+    """Embeddings of the rows' prompts, then (with negatives) of their negative prompts."""
     texts = [r.item.request.prompt for r in rows]
     plans = [r.plan for r in rows]
     if encoder.uses_negative:
         texts += [r.item.request.negative_prompt or "" for r in rows]
         plans += plans
-    try:
-        embeds = encoder.encode(texts, plans)
-    except Exception:
-        logger.exception("text encoding failed for a batch of %d requests", len(rows))
-        result.outputs = [GenerationFailed("text encoding failed")] * len(rows)
-        return result
-    result.timings["text_encode"] = time.perf_counter() - started
+    return encoder.encode(texts, plans)
 
+
+def _encoding_error(exc: Exception) -> ConceptGuardError:
+    if isinstance(exc, (UnicodeError, ValueError)):
+        return InvalidRequest(f"this request's text could not be encoded: {type(exc).__name__}")
+    return GenerationFailed("the text encoder failed on this request; see the server log")
+
+
+def _encode_isolating(
+    encoder: PromptEncoder, rows: Sequence[Row], outputs: list
+) -> tuple[dict[str, Any] | None, list[int]]:
+    """(embeddings, the rows they are for): every row at once, and when that fails, each row
+    alone, so a row whose text cannot be encoded fails only itself (written to `outputs`)."""
+    try:
+        return _encode(encoder, rows), list(range(len(rows)))
+    except Exception:
+        logger.warning("text encoding failed for a batch of %d; isolating rows", len(rows))
+    live = []
+    for i, row in enumerate(rows):
+        try:
+            _encode(encoder, [row])
+        except Exception as exc:
+            logger.warning("request %s: its text cannot be encoded: %r", row.item.request_id, exc)
+            outputs[i] = _encoding_error(exc)
+        else:
+            live.append(i)
+    if not live:
+        return None, []
+    try:
+        return _encode(encoder, [rows[i] for i in live]), live
+    except Exception:
+        logger.exception("text encoding failed again for %d requests", len(live))
+        for i in live:
+            outputs[i] = GenerationFailed("text encoding failed; see the server log")
+        return None, []
+
+
+def generate_batch(
+    pipe: Any,
+    encoder: PromptEncoder,
+    rows: Sequence[Row],
+    limits: Limits,
+    router: DenoiserRouter,
+) -> BatchResult:
+    """Images for every row (a list per row, in request order) or the row's error."""
+    result = BatchResult(outputs=[GenerationFailed("not generated")] * len(rows))
+    if not rows:
+        return result
+    started = time.perf_counter()
+    embeds, live = _encode_isolating(encoder, rows, result.outputs)
+    result.timings["text_encode"] = time.perf_counter() - started
+    result.timings["denoise"] = result.timings["decode"] = 0.0
+    if embeds is None:
+        return result
+    # From here on, `rows` are the encoded ones; row i answers request `live[i]`.
+    rows = [rows[i] for i in live]
+    native = native_size(pipe)
     groups: dict[tuple, list[int]] = {}
     for i, row in enumerate(rows):
         groups.setdefault(_denoise_key(row, limits, native), []).append(i)
-    result.timings["denoise"] = result.timings["decode"] = result.timings["unet_switch"] = 0.0
-    for ((width, height), steps, guidance, unet_stack), members in groups.items():
+    for ((width, height), steps, guidance), members in groups.items():
         counts = [rows[i].item.request.n for i in members]
         kwargs = _repeat_rows(embeds, members, counts)
         if guidance > 1.0 and encoder.uses_negative:
@@ -142,34 +181,33 @@ def generate_batch(
                     for k, v in negatives.items()
                 }
             kwargs.update({f"negative_{k}": v for k, v in negatives.items()})
+        stacks = [rows[i].denoiser for i, n in zip(members, counts, strict=True) for _ in range(n)]
         try:
-            if adapters is not None:
-                result.timings["unet_switch"] += adapters.activate(unet_stack)
-            elif unet_stack:
-                raise RuntimeError("a U-Net stack without the worker's adapters")
             started = time.perf_counter()
-            latents = pipe(
-                **kwargs,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                width=width,
-                height=height,
-                generator=_generators([rows[i] for i in members]),
-                output_type="latent",
-            ).images
+            with router.routing(stacks) as passed:
+                latents = pipe(
+                    **kwargs,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    width=width,
+                    height=height,
+                    generator=_generators([rows[i] for i in members]),
+                    output_type="latent",
+                ).images
             result.timings["denoise"] += time.perf_counter() - started
+            result.denoiser_calls += passed.calls
             started = time.perf_counter()
             images = decode_latents(pipe, latents, width, height)
             result.timings["decode"] += time.perf_counter() - started
         except Exception:
             logger.exception("generation failed for %d request(s)", len(members))
             for i in members:
-                result.outputs[i] = GenerationFailed(
+                result.outputs[live[i]] = GenerationFailed(
                     "the pipeline failed while generating this batch; see the server log"
                 )
             continue
         offset = 0
         for i, n in zip(members, counts, strict=True):
-            result.outputs[i] = images[offset : offset + n]
+            result.outputs[live[i]] = images[offset : offset + n]
             offset += n
     return result

@@ -96,14 +96,14 @@ class GenerationAPI(ls.LitAPI):
         for i, item in enumerate(items):
             try:
                 state = snapshot.state_for(item.tenant).require_ready()
-                rows.append(Row(item, state.plan, state.unet_stack))
+                rows.append(Row(item, state.plan, state.denoiser))
             except ConceptGuardError as exc:
                 answers[i] = self._error(exc)
                 continue
             row_index.append(i)
             states[i] = state
         result = generate_batch(
-            self.pipe, self.encoder, rows, self.config.limits, self.runtime.adapters
+            self.pipe, self.encoder, rows, self.config.limits, self.runtime.denoiser
         )
         images_by_tenant: Counter[str] = Counter()
         for i, output in zip(row_index, result.outputs, strict=True):
@@ -122,6 +122,7 @@ class GenerationAPI(ls.LitAPI):
                 batch_requests=len(items),
                 batch_started_at=batch_started,
                 timings={k: round(v, 4) for k, v in result.timings.items()},
+                denoiser_calls=result.denoiser_calls,
             )
             answers[i] = {"status": 200, "images": output, "record": record}
         self.metrics.batch_done(result.timings, images_by_tenant)

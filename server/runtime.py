@@ -14,11 +14,10 @@ Fail closed: a tenant whose stack cannot be loaded or verified is kept as a fail
 its reason, and its requests get 503 - never the unpatched model. An unreadable registry fails
 every tenant, because no tenant's stack can be known.
 
-U-Net LoRA patches in a stack are loaded into the worker's one U-Net as named adapters
-(server/unet_adapters.py) while the stack is built; a tenant's state names its U-Net stack
-(those patch ids, in order) and each denoiser group activates it. Text-encoder patches
-become the tenant's text plan as before; a stack may hold both, in any order (each kind's
-patches keep their relative order).
+A stack's denoiser patches (LoRA, dense weight edits, added modules) become one prepared
+denoiser stack with a slot in the worker's per-row denoiser (server/denoiser_routing.py);
+its text-encoder patches become the tenant's text plan. A stack may hold both, in any order
+(each kind's patches keep their relative order).
 
 Built plans are cached by stack (a tuple of content-addressed patch ids), so a rollback or a
 tenant sharing another's stack costs nothing, and re-registering a name with new bytes can
@@ -38,15 +37,14 @@ from typing import Any, Protocol
 from patches.errors import ConceptGuardError
 from patches.registry import Registry, TenantRecord
 from patches.stacks import compose_weight_stack
+from server.denoiser_routing import DenoiserRouter
+from server.denoiser_stacks import DENOISER_KINDS, DenoiserStack
 from server.errors import RegistryUnavailable, StackNotReady, UnsupportedPatchKind
 from server.text_encoding import TextPlan, build_text_plan
-from server.unet_adapters import UnetAdapters
 
 logger = logging.getLogger(__name__)
 
-# Dense U-Net weight edits and U-Net modules would need a U-Net copy or a module type per
-# stack; LoRA adapters share the one U-Net. The other kinds are refused (422).
-SERVABLE_KINDS = ("text_encoder", "unet_lora")
+SERVABLE_KINDS = ("text_encoder", *DENOISER_KINDS)
 
 
 def check_servable_kind(kind: str, label: str) -> None:
@@ -60,10 +58,10 @@ def check_servable_kind(kind: str, label: str) -> None:
 
 @dataclass(frozen=True)
 class _Plan:
-    """What a stack is served with: the text plan and the U-Net adapters' patch ids."""
+    """What a stack is served with: its text plan and its prepared denoiser stack."""
 
     text: TextPlan | None
-    unet_stack: tuple[str, ...]
+    denoiser: DenoiserStack | None
 
 
 @dataclass(frozen=True)
@@ -74,7 +72,7 @@ class TenantState:
     stack: tuple[str, ...] = ()
     tenant_generation: int = 0
     plan: TextPlan | None = None  # None with no failure: no text patch, the base encoder
-    unet_stack: tuple[str, ...] = ()  # LoRA patch ids, in stack order
+    denoiser: DenoiserStack | None = None  # None with no failure: the base denoiser
     failure: str | None = None
 
     def require_ready(self) -> TenantState:
@@ -130,13 +128,13 @@ class PatchRuntime:
         pipe: Any,
         events: RuntimeEvents | None = None,
         cache_size: int = 32,
-        adapters: UnetAdapters | None = None,
+        denoiser: DenoiserRouter | None = None,
     ):
         self.registry = registry
         self.pipe = pipe
         self.events = events or NoEvents()
         self.cache_size = cache_size
-        self.adapters = adapters or UnetAdapters(pipe)
+        self.denoiser = denoiser or DenoiserRouter(pipe)
         self._plans: OrderedDict[tuple[str, ...], _Plan] = OrderedDict()
         self._snapshot = RuntimeSnapshot(generation=-1)
 
@@ -173,7 +171,7 @@ class PatchRuntime:
     def _build(self, record: TenantRecord, reload: bool) -> TenantState:
         started = time.perf_counter()
         try:
-            plan = self._plan_for(record.stack) or _Plan(None, ())
+            plan = self._plan_for(record.stack) or _Plan(None, None)
         except Exception as exc:
             # Whatever goes wrong (a refusal, I/O, torch out of memory), it fails this tenant
             # only: the worker and every other tenant keep serving.
@@ -183,9 +181,7 @@ class PatchRuntime:
             self.events.stack_failed(record.tenant, exc)
             return TenantState(record.tenant, record.stack, record.generation, failure=reason)
         self.events.stack_built(record.tenant, reload, time.perf_counter() - started)
-        return TenantState(
-            record.tenant, record.stack, record.generation, plan.text, plan.unet_stack
-        )
+        return TenantState(record.tenant, record.stack, record.generation, plan.text, plan.denoiser)
 
     def _plan_for(self, stack: tuple[str, ...]) -> _Plan | None:
         if not stack:
@@ -193,26 +189,26 @@ class PatchRuntime:
         if stack in self._plans:
             self._plans.move_to_end(stack)
             return self._plans[stack]
-        text, lora = [], []
+        text, denoiser = [], []
         for pid in stack:
             patch = self.registry.load_patch(pid)
             check_servable_kind(patch.manifest.kind, f"patch {pid[:12]}")
             patch.verify(self.pipe)
-            (lora if patch.manifest.kind == "unet_lora" else text).append(patch)
+            (denoiser if patch.manifest.kind in DENOISER_KINDS else text).append(patch)
         text_plan = (
             build_text_plan(self.pipe, compose_weight_stack(self.pipe, text)) if text else None
         )
-        # Last: a failure above leaves the U-Net's adapters as they were.
-        self.adapters.prepare(lora)
-        plan = _Plan(text_plan, tuple(p.id for p in lora))
+        # Last: a failure above leaves the denoiser's slots as they were.
+        plan = _Plan(text_plan, self.denoiser.prepare(denoiser))
         self._plans[stack] = plan
         return plan
 
     def _prune_cache(self) -> None:
-        """Keep the plans in use plus the `cache_size` most recently used others; drop
-        U-Net adapters no kept plan needs (beyond the adapter cache's spares)."""
+        """Keep the plans in use plus the `cache_size` most recently used others; release
+        the denoiser slots of stacks no kept plan holds."""
         in_use = {s.stack for s in self._snapshot.tenants.values()}
         spare = [stack for stack in self._plans if stack not in in_use]
         for stack in spare[: max(0, len(spare) - self.cache_size)]:
             del self._plans[stack]
-        self.adapters.evict({pid for plan in self._plans.values() for pid in plan.unet_stack})
+        kept = {p.denoiser.patch_ids for p in self._plans.values() if p.denoiser is not None}
+        self.denoiser.release_unused(kept)

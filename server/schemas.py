@@ -128,6 +128,7 @@ class GenerationRecord(BaseModel):
     batch_requests: int
     batch_started_at: float  # unix time the worker began the batch, before its registry check
     timings: dict[str, float]
+    denoiser_calls: int = 0  # denoiser forwards the batch made: one per step per shared call
 
 
 class ImageData(BaseModel):

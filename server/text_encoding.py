@@ -8,12 +8,12 @@ base's own tensors (shared, not copied). Only the edited tensors cost memory per
 (plus ~70 KB of Python module objects per cloned block).
 
 Encoding a batch runs the stock encoder forward once. For its duration, each stage that some
-tenant in the batch edits is replaced by a `_RoutedStage` that runs every tenant group's rows
-through that group's clone (rows of tenants that do not edit the stage go through the base
-stage together) and scatters the results back. Stages no tenant edits - typically all but
-one or two early blocks, plus the embeddings and the final norm - run once for all rows.
-The replacement is undone in a `finally`, so the shared encoder is the base again even when
-the forward raises.
+tenant in the batch edits is replaced by a routed stand-in (server/row_routing.py) that runs
+every tenant group's rows through that group's clone (rows of tenants that do not edit the
+stage go through the base stage together) and scatters the results back. Stages no tenant
+edits - typically all but one or two early blocks, plus the embeddings and the final norm -
+run once for all rows. The replacement is undone in a `finally`, so the shared encoder is
+the base again even when the forward raises.
 
 Rows of one group run the same operations on the same weights as `Patch.apply` followed by
 the stock encoder; a batch that holds a single group is bit-identical to that reference.
@@ -35,6 +35,7 @@ import torch
 from patches.errors import WrongTarget
 from patches.stacks import ComposedWeights
 from patches.targets import find_block_list, get_component, pipeline_family
+from server.row_routing import rerouted, row_groups, stage_stand_in
 
 
 @dataclass(frozen=True)
@@ -92,91 +93,29 @@ def build_text_plan(pipe: object, composed: Mapping[str, ComposedWeights]) -> Te
 # --- running a batch ---------------------------------------------------------------------
 
 
-def _take(value: Any, rows: torch.Tensor, batch: int) -> Any:
-    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
-        return value.index_select(0, rows)
-    return value
-
-
-class _RoutedStage(torch.nn.Module):
-    """Stands in for one stage during a forward: each route's rows through its module."""
-
-    def __init__(self, routes: list[tuple[torch.Tensor, torch.nn.Module]], batch: int):
-        super().__init__()
-        # A plain list, so the route modules are not registered as this module's children.
-        self.routes = routes
-        self.batch = batch
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        merged = None
-        for rows, module in self.routes:
-            sub_args = [_take(a, rows, self.batch) for a in args]
-            sub_kwargs = {k: _take(v, rows, self.batch) for k, v in kwargs.items()}
-            out = module(*sub_args, **sub_kwargs)
-            merged = self._scatter(merged, out, rows)
-        return merged
-
-    def _scatter(self, merged: Any, out: Any, rows: torch.Tensor) -> Any:
-        if isinstance(out, torch.Tensor):
-            if out.dim() > 0 and out.shape[0] == 1 and len(rows) > 1:
-                # Broadcast over the batch (T5's position bias): made per row, so groups
-                # whose stage computes it differently each keep their own.
-                out = out.expand(len(rows), *out.shape[1:])
-            if merged is None:
-                merged = out.new_empty((self.batch, *out.shape[1:]))
-            return merged.index_copy_(0, rows, out)
-        if isinstance(out, (tuple, list)):
-            merged = merged or [None] * len(out)
-            return type(out)(
-                self._scatter(m, o, rows) if isinstance(o, torch.Tensor) else o
-                for m, o in zip(merged, out, strict=True)
-            )
-        raise TypeError(f"a routed stage returned {type(out).__name__}, not tensors")
-
-
-def _set_submodule(root: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
-    parent, _, leaf = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, module)
-
-
 @contextmanager
 def routed(
     encoder: torch.nn.Module, component: str, plans: Sequence[TextPlan | None]
 ) -> Iterator[None]:
     """Route each row (one per entry of `plans`) through its plan's stages for one forward."""
     device = next(encoder.parameters()).device
-    groups: dict[int, tuple[TextPlan | None, list[int]]] = {}
-    for row, plan in enumerate(plans):
-        groups.setdefault(id(plan), (plan, []))[1].append(row)
-    edited = [plan.stages.get(component, {}) for plan, _ in groups.values() if plan]
-    paths = sorted({path for stages in edited for path in stages})
-    installed: list[tuple[str, torch.nn.Module]] = []
-    try:
-        for path in paths:
-            base = encoder.get_submodule(path)
-            routes: list[tuple[list[int], torch.nn.Module]] = []
-            base_rows: list[int] = []
-            for plan, rows in groups.values():
-                module = plan.stages.get(component, {}).get(path) if plan else None
-                if module is None:
-                    base_rows += rows
-                else:
-                    routes.append((rows, module))
-            if base_rows:
-                routes.append((sorted(base_rows), base))
-            if len(routes) == 1:
-                # One group: run its module on the batch as it is (no gather, no scatter).
-                stand_in = routes[0][1]
+    groups = row_groups(plans)
+    edited = [plan.stages.get(component, {}) for plan, _ in groups if plan]
+    swaps = {}
+    for path in sorted({path for stages in edited for path in stages}):
+        routes: list[tuple[list[int], torch.nn.Module | None]] = []
+        base_rows: list[int] = []
+        for plan, rows in groups:
+            module = plan.stages.get(component, {}).get(path) if plan else None
+            if module is None:
+                base_rows += rows
             else:
-                stand_in = _RoutedStage(
-                    [(torch.tensor(rows, device=device), m) for rows, m in routes], len(plans)
-                )
-            _set_submodule(encoder, path, stand_in)
-            installed.append((path, base))
+                routes.append((rows, module))
+        if base_rows:
+            routes.append((sorted(base_rows), None))
+        swaps[path] = stage_stand_in(encoder.get_submodule(path), routes, len(plans), device)
+    with rerouted(encoder, swaps=swaps):
         yield
-    finally:
-        for path, base in reversed(installed):
-            _set_submodule(encoder, path, base)
 
 
 # --- per-family prompt encoders -----------------------------------------------------------

@@ -73,7 +73,7 @@ def text_encoder_patch(
 
 
 def unet_weights_patch(pipe, seed: int = 0) -> Patch:
-    """A real unet_weights patch: one U-Net conv nudged (a kind the server does not serve)."""
+    """A real unet_weights patch: one U-Net conv nudged (a full-rank dense edit, rank 32)."""
     name = "conv_in.weight"
     weight = dict(pipe.unet.named_parameters())[name].detach()
     noise = 0.01 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(seed))

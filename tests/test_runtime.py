@@ -6,9 +6,9 @@ import pytest
 from conftest import lora_patch, text_encoder_patch, unet_weights_patch
 
 from patches.registry import open_registry
+from server.denoiser_routing import DenoiserRouter
 from server.errors import RegistryUnavailable, StackNotReady
 from server.runtime import PatchRuntime
-from server.unet_adapters import UnetAdapters
 
 
 class Recorder:
@@ -110,38 +110,46 @@ def test_failed_tenants_are_retried_on_the_next_generation(registry, tiny_sd, pa
     assert runtime.refresh().state_for("a").failure is None
 
 
-def test_unservable_kinds_fail_closed(registry, tiny_sd):
+def test_an_unservable_denoiser_edit_fails_closed(registry, tiny_sd):
+    # A full-rank dense edit of conv_in (rank 32) beyond the per-row rank limit.
     pid = registry.put_patch(unet_weights_patch(tiny_sd).to_bytes()).id
     registry.set_tenant("a", [pid])  # the registry CLI does not know what a server serves
-    runtime, events = _runtime(registry, tiny_sd)
-    state = runtime.refresh().state_for("a")
-    assert events.failed == [("a", "UnsupportedPatchKind")]
-    assert "unet_weights" in state.failure
+    registry.set_tenant("b", [])
+    events = Recorder()
+    runtime = PatchRuntime(registry, tiny_sd, events, denoiser=DenoiserRouter(tiny_sd, max_rank=8))
+    snapshot = runtime.refresh()
+    assert events.failed == [("a", "WrongTarget")]
+    assert "rank 32" in snapshot.state_for("a").failure
+    assert snapshot.state_for("b").require_ready()
+    assert runtime.denoiser.prepared == [] and runtime.denoiser.layers == {}
 
 
-def test_lora_patches_become_the_tenants_unet_stack(registry, models_dir, patch_files):
-    from bench.tiny_pipelines import tiny_pipeline
-
-    pipe = tiny_pipeline("sd", models_dir, seed=0)  # its own copy: adapters get loaded into it
+def test_denoiser_patches_become_the_tenants_denoiser_stack(registry, tiny_sd, patch_files):
     text = registry.put_patch(patch_files[0]).id
-    loras = [registry.put_patch(lora_patch(pipe, seed=s).to_bytes()).id for s in (1, 2)]
-    registry.set_tenant("a", [loras[0], text, loras[1]])
+    loras = [registry.put_patch(lora_patch(tiny_sd, seed=s).to_bytes()).id for s in (1, 2)]
+    dense = registry.put_patch(unet_weights_patch(tiny_sd).to_bytes()).id
+    registry.set_tenant("a", [loras[0], text, dense, loras[1]])
     registry.set_tenant("b", [loras[1]])
-    # No spare plans or adapters: what no tenant uses is dropped at once.
-    runtime = PatchRuntime(registry, pipe, cache_size=0, adapters=UnetAdapters(pipe, spare=0))
+    # No spare plans: what no tenant uses is released at once.
+    runtime = PatchRuntime(registry, tiny_sd, cache_size=0)
     snapshot = runtime.refresh()
     a, b = snapshot.state_for("a"), snapshot.state_for("b")
-    assert a.failure is None and a.plan is not None and a.unet_stack == tuple(loras)
-    assert b.plan is None and b.unet_stack == (loras[1],)
-    assert sorted(runtime.adapters.loaded) == sorted(loras)
-    registry.set_tenant("a", [text])  # nobody uses loras[0] any more: evicted (no spares)
-    assert runtime.refresh().state_for("a").unet_stack == ()
-    assert runtime.adapters.loaded == [loras[1]]
+    assert a.failure is None and a.plan is not None
+    assert a.denoiser.patch_ids == (loras[0], dense, loras[1])  # stack order, kinds mixed
+    assert b.plan is None and b.denoiser.patch_ids == (loras[1],)
+    assert sorted(runtime.denoiser.prepared) == sorted([a.denoiser.patch_ids, (loras[1],)])
+    # conv_in carries the dense edit (rank 32); the LoRA layers carry rank 4 + 4.
+    assert a.denoiser.rank("conv_in") == 32
+    assert {a.denoiser.rank(p) for p in a.denoiser.layers if p != "conv_in"} == {8}
+    registry.set_tenant("a", [text])  # nobody uses a's denoiser stack any more: released
+    assert runtime.refresh().state_for("a").denoiser is None
+    assert runtime.denoiser.prepared == [(loras[1],)]
+    assert "conv_in" not in runtime.denoiser.layers
     registry.set_tenant("b", [])
     runtime.refresh()
-    assert runtime.adapters.loaded == []
-    # The last adapter gone, peft's wrappers are gone too: the plain U-Net again.
-    assert not any("lora" in name for name, _ in pipe.unet.named_parameters())
+    assert runtime.denoiser.prepared == [] and runtime.denoiser.layers == {}
+    # The shared denoiser itself was never touched.
+    assert not any("lora" in name for name, _ in tiny_sd.unet.named_parameters())
 
 
 def test_a_patch_for_another_base_fails_closed(registry, tiny_sd, other_sd):
