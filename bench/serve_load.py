@@ -4,7 +4,9 @@
 
 A real server (loopback only) serves 4 tenants, each starting with its own text-encoder
 patch. Client threads generate for `--seconds`; meanwhile a new patch is pushed and assigned
-to the next tenant (round robin) every `--interval` seconds through the admin API. Checks:
+to the next tenant (round robin) every `--interval` seconds through the admin API,
+alternately a text-encoder patch and a U-Net LoRA patch (served per row), so tenants'
+stacks keep changing on both sides of the model. Checks:
 
 - failed requests: every request must succeed;
 - wrong stacks: each response's patch ids must be its tenant's stack at the registry
@@ -190,14 +192,15 @@ def analyse(samples: list[Sample], registrations: list[Registration], histories:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from bench.serve_harness import start_bench_server
-    from bench.synthetic_patches import noise_patch
+    from bench.synthetic_patches import lora_noise_patch, noise_patch
     from patches.loading import load_pipeline
     from server.default_model import default_model_path
 
     model = args.model or str(default_model_path())
     pipe = load_pipeline(model)
     patches = [
-        noise_patch(pipe, seed=100 + i) for i in range(int(args.seconds / args.interval) + 8)
+        noise_patch(pipe, seed=100 + i) if i % 2 else lora_noise_patch(pipe, 100 + i, 1 + i % 4)
+        for i in range(int(args.seconds / args.interval) + 8)
     ]
     initial = [noise_patch(pipe, seed=10 + i) for i in range(len(TENANTS))]
     del pipe
