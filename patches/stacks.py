@@ -13,7 +13,7 @@ happened, because summed or replaced edits can hurt concepts neither patch was m
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -42,11 +42,22 @@ class ComposedWeights:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
-def compose_weight_stack(pipe: object, stack: Sequence[Patch]) -> dict[str, ComposedWeights]:
+def base_parameters(pipe: object, component: str) -> dict[str, torch.Tensor]:
+    """A component's base parameters by name (what stacks compose over)."""
+    return dict(base_named_parameters(get_component(pipe, component)))
+
+
+def compose_weight_stack(
+    pipe: object,
+    stack: Sequence[Patch],
+    base: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+) -> dict[str, ComposedWeights]:
     """Per component, the edited parameters after applying `stack` in order to `pipe`'s base.
 
     Every patch must already be verified against `pipe` (`Patch.verify`), whose components
-    must be unpatched. Refuses kinds that are not plain weights and non-finite results.
+    must be unpatched. `base` (component -> `base_parameters`) stands in for reading the
+    live pipeline, for callers that compose while the pipeline serves. Refuses kinds that are
+    not plain weights and non-finite results.
     """
     values: dict[str, dict[str, torch.Tensor]] = {}
     editors: dict[str, dict[str, list[str]]] = {}
@@ -58,10 +69,10 @@ def compose_weight_stack(pipe: object, stack: Sequence[Patch]) -> dict[str, Comp
                     f"patch {patch.id[:12]} is a {kind} patch; only {' and '.join(WEIGHT_KINDS)} "
                     "patches compose into per-tenant weights"
                 )
-            base = dict(base_named_parameters(get_component(pipe, component)))
+            originals = base[component] if base else base_parameters(pipe, component)
             current = values.setdefault(component, {})
             for name, tensor in patch.tensors.items():
-                before = current.get(name, base[name])
+                before = current.get(name, originals[name])
                 current[name] = combined_value(before, tensor, patch.manifest.mode)
                 editors.setdefault(component, {}).setdefault(name, []).append(patch.id)
     composed = {}

@@ -1,49 +1,168 @@
-"""LitServe's batched worker loop, changed in one respect: an idle worker blocks on the queue.
+"""The inference worker's loop: LitServe's batched loop, reshaped for tenants.
 
-LitServe 0.2.19 collects a batch by polling the shared queue in 1 ms steps for the whole
-`batch_timeout`, again and again while idle; each poll is a round trip to the queue's manager
-process, which costs an idle two-worker server about a third of a core. This loop waits (up
-to a second at a time) for the first request, then collects more for at most
-`batch_timeout`, and hands the batch to LitServe's own `run_batched_loop` unchanged.
+LitServe 0.2.19's own loop polls the shared queue in 1 ms steps while idle (a round trip to
+the queue's manager process each time: a third of a core for two idle workers), answers all
+of a batch only when all of it is done, and checks a request's deadline only when it takes
+it from the queue. This loop:
+- waits (up to a second at a time) for the first request, then collects more for at most
+  `batch_timeout`;
+- answers a request that waited longer than the queue timeout with 504, without computing
+  it - when it is taken from the queue, and again while it waits for its stack;
+- holds back the rows of tenants whose new patch stack is still being built (the LitAPI
+  answers them with None): they join a later batch once it is ready, while every other
+  tenant's rows are served at once - one tenant's stack change never delays another;
+- lets the LitAPI do housekeeping while idle (registry changes are picked up and built
+  before the next request arrives).
+It imports LitServe's private sentinel and stop exception, pinned by the tests that stop
+servers cleanly.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from dataclasses import dataclass
 from queue import Empty
-from typing import Any
+from typing import Any, Protocol
 
 from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
 from litserve.loops.simple_loops import BatchedLoop
 from litserve.utils import LitAPIStatus, LoopResponseType
 
+from server.errors import error_payload
+
+logger = logging.getLogger(__name__)
+
 IDLE_WAIT_S = 1.0
+# How often rows waiting for their stack are looked at again.
+WAITING_POLL_S = 0.02
+
+
+class TenantWorker(Protocol):
+    """What the loop needs from the LitAPI (server/generation_api.py)."""
+
+    max_batch_size: int
+    batch_timeout: float
+    request_timeout: float
+
+    def serve_batch(self, items: list[Any]) -> list[dict[str, Any] | None]:
+        """One encoded answer per item, or None for an item that must wait for its stack."""
+
+    def idle(self) -> None:
+        """Housekeeping between requests."""
+
+
+@dataclass
+class _Request:
+    response_queue_id: int
+    uid: str
+    enqueued: float  # time.monotonic() in the API process (the same clock on one machine)
+    item: Any
+
+
+def _timed_out(limit: float) -> dict[str, Any]:
+    return {
+        "status": 504,
+        "body": error_payload(
+            "QueueTimeout",
+            f"the request waited more than {limit:g} s for a worker and was not computed; "
+            "retry later",
+        ),
+    }
 
 
 class BlockingBatchedLoop(BatchedLoop):
-    def get_batch_requests(self, lit_api: Any, request_queue: Any, transport: Any):
-        payloads: list[tuple] = []
-        timed_out: list[tuple] = []
-        deadline: float | None = None
+    def _expired(self, lit_api: TenantWorker, request: _Request) -> bool:
         limit = lit_api.request_timeout
-        while len(payloads) + len(timed_out) < lit_api.max_batch_size:
-            wait = IDLE_WAIT_S if deadline is None else deadline - time.monotonic()
-            if wait <= 0:
+        return limit not in (-1, False, None) and time.monotonic() - request.enqueued > limit
+
+    def _collect(
+        self, lit_api: TenantWorker, request_queue: Any, transport: Any, room: int, wait: float
+    ) -> list[_Request]:
+        """Up to `room` new requests: wait up to `wait` for the first, then up to the batch
+        timeout for more."""
+        taken: list[_Request] = []
+        if room == 0:  # a full batch already waits for its stacks
+            time.sleep(wait)
+            return taken
+        deadline: float | None = None
+        while len(taken) < room:
+            remaining = wait if deadline is None else deadline - time.monotonic()
+            if remaining <= 0:
                 break
             try:
-                request = request_queue.get(timeout=wait)
+                request = request_queue.get(timeout=remaining)
             except Empty:
                 break
             if request == _SENTINEL_VALUE:
                 raise _StopLoopError()
-            response_queue_id, uid, timestamp, x_enc = request
+            response_queue_id, uid, timestamp, item = request
             self.put_response(
                 transport, response_queue_id, uid, (), LitAPIStatus.START, LoopResponseType.REGULAR
             )
+            taken.append(_Request(response_queue_id, uid, timestamp, item))
             if deadline is None:
                 deadline = time.monotonic() + lit_api.batch_timeout
-            if limit not in (-1, False, None) and time.monotonic() - timestamp > limit:
-                timed_out.append((response_queue_id, uid))
-            else:
-                payloads.append((response_queue_id, uid, x_enc))
-        return payloads, timed_out
+        return taken
+
+    def _answer(self, transport: Any, request: _Request, answer: dict[str, Any]) -> None:
+        self.put_response(
+            transport,
+            request.response_queue_id,
+            request.uid,
+            answer,
+            LitAPIStatus.OK,
+            LoopResponseType.REGULAR,
+        )
+
+    def run_batched_loop(
+        self,
+        lit_api: Any,
+        request_queue: Any,
+        transport: Any,
+        callback_runner: Any,
+        lit_spec: Any = None,
+    ) -> None:
+        waiting: list[_Request] = []
+        while True:
+            room = max(0, lit_api.max_batch_size - len(waiting))
+            try:
+                fresh = self._collect(
+                    lit_api,
+                    request_queue,
+                    transport,
+                    room,
+                    WAITING_POLL_S if waiting else IDLE_WAIT_S,
+                )
+            except _StopLoopError:
+                logger.debug("received the sentinel: stopping the worker loop")
+                return
+            except KeyboardInterrupt:  # pragma: no cover
+                self.kill()
+                return
+            # Rows held back for their stack go first: they arrived earlier.
+            batch = []
+            for request in waiting[: lit_api.max_batch_size] + fresh:
+                if self._expired(lit_api, request):
+                    self._answer(transport, request, _timed_out(lit_api.request_timeout))
+                else:
+                    batch.append(request)
+            waiting = waiting[lit_api.max_batch_size :]
+            if not batch:
+                lit_api.idle()
+                continue
+            try:
+                answers = lit_api.serve_batch([r.item for r in batch])
+            except KeyboardInterrupt:  # pragma: no cover
+                self.kill()
+                return
+            except Exception as exc:
+                logger.exception("the worker failed on a batch of %d", len(batch))
+                for request in batch:
+                    self.put_error_response(transport, request.response_queue_id, request.uid, exc)
+                continue
+            for request, answer in zip(batch, answers, strict=True):
+                if answer is None:
+                    waiting.append(request)
+                else:
+                    self._answer(transport, request, answer)

@@ -62,12 +62,13 @@ class _LayerSlots:
         return (self.a[0].numel() + self.b[0].numel()) * self.a.element_size()
 
     def resize(self, capacity: int, rank: int) -> None:
-        """Grow to `capacity` slots and rank `rank`, keeping what the slots hold."""
-        old_a, old_b = self.a, self.b
-        self.a = old_a.new_zeros((capacity, rank, *old_a.shape[2:]))
-        self.b = old_b.new_zeros((capacity, old_b.shape[1], rank))
-        self.a[: old_a.shape[0], : old_a.shape[1]] = old_a
-        self.b[: old_b.shape[0], :, : old_b.shape[2]] = old_b
+        """Grow to `capacity` slots and rank `rank`, keeping what the slots hold (the new
+        tensors are complete before they replace the old ones)."""
+        a = self.a.new_zeros((capacity, rank, *self.a.shape[2:]))
+        b = self.b.new_zeros((capacity, self.b.shape[1], rank))
+        a[: self.a.shape[0], : self.a.shape[1]] = self.a
+        b[: self.b.shape[0], :, : self.b.shape[2]] = self.b
+        self.a, self.b = a, b
 
     def write(self, slot: int, factors: LowRank | None) -> None:
         self.a[slot].zero_()
@@ -134,18 +135,28 @@ class DenoiserRouter:
             "bytes": per_slot * self.capacity,
         }
 
+    def build(self, patches: Sequence[Patch], base=None) -> DenoiserStack | None:
+        """A stack of these denoiser patches (verified, in stack order), not yet given a
+        slot; None when there are none. Touches no slot: may run beside a batch."""
+        return build_denoiser_stack(self.pipe, patches, self.max_rank, base)
+
+    def add(self, stack: DenoiserStack) -> DenoiserStack:
+        """Give a built stack its slot (the prepared one if its patches have one already).
+        Runs between batches, on the thread that routes them."""
+        live = self._stacks.get(stack.patch_ids)
+        if live is not None:
+            return live[0]
+        slot = self._allocate(stack) if stack.layers else 0
+        self._stacks[stack.patch_ids] = (stack, slot)
+        return stack
+
     def prepare(self, patches: Sequence[Patch]) -> DenoiserStack | None:
-        """The prepared stack of these denoiser patches (verified, in stack order), built
-        and given a slot the first time; None when there are none."""
+        """`build` and `add` at once: the prepared stack of these patches, or None."""
         key = tuple(p.id for p in patches)
         if key in self._stacks:
             return self._stacks[key][0]
-        stack = build_denoiser_stack(self.pipe, patches, self.max_rank)
-        if stack is None:
-            return None
-        slot = self._allocate(stack) if stack.layers else 0
-        self._stacks[key] = (stack, slot)
-        return stack
+        stack = self.build(patches)
+        return None if stack is None else self.add(stack)
 
     def release_unused(self, in_use: set[tuple[str, ...]]) -> list[tuple[str, ...]]:
         """Free the slots of prepared stacks not in `in_use`; returns their keys."""

@@ -95,10 +95,16 @@ class DenoiserStack:
 
 
 def build_denoiser_stack(
-    pipe: Any, patches: Sequence[Patch], max_rank: int
+    pipe: Any,
+    patches: Sequence[Patch],
+    max_rank: int,
+    base: Mapping[str, torch.Tensor] | None = None,
 ) -> DenoiserStack | None:
     """The denoiser part of a stack (its patches verified against `pipe`, in stack order),
-    or None when it has none. Refuses what per-row serving cannot take (WrongTarget)."""
+    or None when it has none. Refuses what per-row serving cannot take (WrongTarget).
+
+    Reads the denoiser's modules and (unless given as `base`) its base parameters, never
+    changes anything: safe beside a running forward, whose hooks leave both as they are."""
     if not patches:
         return None
     component = denoiser_component(pipe)
@@ -106,8 +112,8 @@ def build_denoiser_stack(
     parts: dict[str, list[LowRank]] = {}
     dense = [p for p in patches if p.manifest.kind == "unet_weights"]
     if dense:
-        base = dict(base_named_parameters(denoiser))
-        composed = compose_weight_stack(pipe, dense)[component]
+        base = base or dict(base_named_parameters(denoiser))
+        composed = compose_weight_stack(pipe, dense, {component: base})[component]
         for name, value in composed.tensors.items():
             path, _, leaf = name.rpartition(".")
             if leaf != "weight":

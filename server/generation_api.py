@@ -27,6 +27,7 @@ from server.config import ServerConfig
 from server.errors import payload_for
 from server.generation import Row, generate_batch
 from server.images_spec import ImagesSpec
+from server.runtime import StackBuilding
 from server.schemas import GenerationRecord, ImageData, ImageGenerationResponse, WorkItem
 
 logger = logging.getLogger(__name__)
@@ -49,12 +50,11 @@ class GenerationAPI(ls.LitAPI):
     """Loads the pipeline and the patch runtime once per worker; serves batches."""
 
     def __init__(self, settings: ModelSettings, config: ServerConfig, registry_path: str):
-        batched = config.batching.max_batch_size > 1
         super().__init__(
             max_batch_size=config.batching.max_batch_size,
             batch_timeout=config.batching.batch_timeout_s,
             spec=ImagesSpec(config),
-            loop=BlockingBatchedLoop() if batched else "auto",
+            loop=BlockingBatchedLoop(),
         )
         self.settings = settings
         self.config = config
@@ -76,32 +76,51 @@ class GenerationAPI(ls.LitAPI):
         self.encoder = prompt_encoder_for(self.pipe)
         self.runtime = PatchRuntime(open_registry(self.registry_path), self.pipe, self.metrics)
         # Build every tenant's stack before this worker reports ready.
-        self.runtime.refresh()
+        self.runtime.refresh(wait=True)
 
     def decode_request(self, request: WorkItem) -> WorkItem:
         return request
 
+    # --- what the worker loop calls (server/batching_loop.py) ----------------------------
+
+    def serve_batch(self, items: list[WorkItem]) -> list[dict[str, Any] | None]:
+        """Each item's encoded answer, or None for the rows of a tenant whose new stack is
+        still being built (the loop holds them back and offers them again)."""
+        answers = self._answer_batch(items, wait=False)
+        return [None if a is None else self.encode_response(a) for a in answers]
+
+    def idle(self) -> None:
+        """Between requests: pick up registry changes and commit finished builds, so stacks
+        are ready before their tenants' next requests."""
+        self.runtime.refresh()
+
     def predict(self, x: WorkItem | list[WorkItem]) -> Any:
-        # LitServe hands a single item (not a list) when max_batch_size is 1.
+        """LitServe's interface (and the in-process tests'): waits for stacks being built."""
         items = x if isinstance(x, list) else [x]
-        answers = self._answer_batch(items)
+        answers = self._answer_batch(items, wait=True)
         return answers if isinstance(x, list) else answers[0]
 
-    def _answer_batch(self, items: list[WorkItem]) -> list[dict[str, Any]]:
+    def _answer_batch(self, items: list[WorkItem], wait: bool) -> list[dict[str, Any] | None]:
         batch_started = time.time()
-        snapshot = self.runtime.refresh()
-        self.metrics.batch_started(len(items), (batch_started - i.enqueued_at for i in items))
-        answers: list[dict[str, Any]] = [{} for _ in items]
+        snapshot = self.runtime.refresh(wait=wait)
+        answers: list[dict[str, Any] | None] = [{} for _ in items]
         rows, row_index, states = [], [], {}
         for i, item in enumerate(items):
             try:
                 state = snapshot.state_for(item.tenant).require_ready()
                 rows.append(Row(item, state.plan, state.denoiser))
+            except StackBuilding:
+                answers[i] = None
+                continue
             except ConceptGuardError as exc:
                 answers[i] = self._error(exc)
                 continue
             row_index.append(i)
             states[i] = state
+        if not rows:
+            return answers
+        served = [items[i] for i in row_index]
+        self.metrics.batch_started(len(served), (batch_started - i.enqueued_at for i in served))
         result = generate_batch(
             self.pipe, self.encoder, rows, self.config.limits, self.runtime.denoiser
         )

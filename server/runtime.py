@@ -1,18 +1,26 @@
 """The per-worker patch runtime: which stack each tenant is served with, kept in step with the
 registry.
 
-Before every batch the worker calls `refresh()`. It reads the registry's snapshot (one
-`stat` when nothing changed); on a new generation it rebuilds only the tenants whose record
-changed (`TenantRecord.generation` or stack), plus any that failed before. Each rebuild is
-stage - validate - commit: load every patch (re-validated, checked against its id), refuse
-kinds this server cannot serve, verify each against the served model, compose the stack,
-build the tenant's text plan, all off to the side; then one new immutable snapshot replaces
-the old one. A batch takes the snapshot once at its start, so its rows finish with the stacks
-they started with however the registry moves meanwhile.
+Before every batch (and while idle) the worker calls `refresh()`. It reads the registry's
+snapshot (one `stat` when nothing changed) and returns at once: tenants whose record did not
+change keep their state; a tenant whose stack changed is *pending* until its new stack is
+built, and its requests wait for it (the worker loop holds them back) - they are never
+served by the stack it had before, and nobody else waits for it. Builds are
+stage - validate - commit, and the slow part runs on a build thread, off the batch path:
+load every patch (re-validated, checked against its id), refuse kinds this server cannot
+serve, verify each against the model's signature taken at start-up, compose the stack over
+the base parameters taken at start-up, prepare the denoiser patches (exact factors,
+modules). The commit - cloning the few edited text-encoder stages, writing the denoiser
+slots - is quick and happens in `refresh`, on the thread that runs batches, so nothing a
+batch reads changes under it. Then one new immutable snapshot replaces the old one. A batch
+takes the snapshot once at its start, so its rows finish with the stacks they started
+with however the registry moves meanwhile.
 
 Fail closed: a tenant whose stack cannot be loaded or verified is kept as a failed state with
-its reason, and its requests get 503 - never the unpatched model. An unreadable registry fails
-every tenant, because no tenant's stack can be known.
+its reason, and its requests get 503 - never the unpatched model. Failed stacks are built
+again on the next registry change, and otherwise after a backoff (1 s, doubling to 60 s),
+so a transient failure (a file not yet visible on a shared volume) heals by itself. An
+unreadable registry fails every tenant, because no tenant's stack can be known.
 
 A stack's denoiser patches (LoRA, dense weight edits, added modules) become one prepared
 denoiser stack with a slot in the worker's per-row denoiser (server/denoiser_routing.py);
@@ -30,13 +38,17 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Protocol
 
 from patches.errors import ConceptGuardError
+from patches.patch import Patch
 from patches.registry import Registry, TenantRecord
-from patches.stacks import compose_weight_stack
+from patches.signature import ModelSignature
+from patches.stacks import ComposedWeights, base_parameters, compose_weight_stack
+from patches.targets import denoiser_component, pipeline_components
 from server.denoiser_routing import DenoiserRouter
 from server.denoiser_stacks import DENOISER_KINDS, DenoiserStack
 from server.errors import RegistryUnavailable, StackNotReady, UnsupportedPatchKind
@@ -45,6 +57,8 @@ from server.text_encoding import TextPlan, build_text_plan
 logger = logging.getLogger(__name__)
 
 SERVABLE_KINDS = ("text_encoder", *DENOISER_KINDS)
+RETRY_FIRST_S = 1.0
+RETRY_MAX_S = 60.0
 
 
 def check_servable_kind(kind: str, label: str) -> None:
@@ -56,6 +70,11 @@ def check_servable_kind(kind: str, label: str) -> None:
         )
 
 
+class StackBuilding(StackNotReady):
+    """The tenant's new stack is still being built: its requests wait for it (the worker
+    loop holds them back); 503 only if one ever had to be answered meanwhile."""
+
+
 @dataclass(frozen=True)
 class _Plan:
     """What a stack is served with: its text plan and its prepared denoiser stack."""
@@ -65,18 +84,45 @@ class _Plan:
 
 
 @dataclass(frozen=True)
+class _Built:
+    """A stack's slow part, done on the build thread; `_commit` makes it a `_Plan`."""
+
+    text: dict[str, ComposedWeights]
+    denoiser: DenoiserStack | None
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _Failure:
+    reason: str
+    error: Exception
+    retry_at: float  # time.monotonic()
+
+
+@dataclass(frozen=True)
 class TenantState:
-    """How one tenant is served: its stack and plan, or why it cannot be (fail closed)."""
+    """How one tenant is served: its stack and plan, or why it cannot be (yet)."""
 
     tenant: str
     stack: tuple[str, ...] = ()
     tenant_generation: int = 0
-    plan: TextPlan | None = None  # None with no failure: no text patch, the base encoder
-    denoiser: DenoiserStack | None = None  # None with no failure: the base denoiser
-    failure: str | None = None
+    plan: TextPlan | None = None  # None when ready: no text patch, the base encoder
+    denoiser: DenoiserStack | None = None  # None when ready: the base denoiser
+    failure: str | None = None  # fail closed, with the reason
+    pending: bool = False  # its stack is being built
+
+    @property
+    def ready(self) -> bool:
+        return self.failure is None and not self.pending
 
     def require_ready(self) -> TenantState:
-        """This state if the tenant can be served, else StackNotReady with the reason."""
+        """This state if the tenant can be served, else StackNotReady with the reason
+        (StackBuilding while its stack is being built)."""
+        if self.pending:
+            raise StackBuilding(
+                f"tenant {self.tenant!r}: its patch stack (registry generation "
+                f"{self.tenant_generation}) is still being built"
+            )
         if self.failure is not None:
             raise StackNotReady(
                 f"tenant {self.tenant!r} is not served: its patch stack (registry generation "
@@ -98,6 +144,11 @@ class RuntimeSnapshot:
             raise RegistryUnavailable(f"the patch registry cannot be read: {self.registry_error}")
         # A tenant with no registry record has an empty stack: the base model, by choice.
         return self.tenants.get(tenant) or TenantState(tenant)
+
+    @property
+    def settled(self) -> bool:
+        """No tenant waits for a build or a retry."""
+        return all(s.ready for s in self.tenants.values())
 
 
 class RuntimeEvents(Protocol):
@@ -129,12 +180,24 @@ class PatchRuntime:
         events: RuntimeEvents | None = None,
         cache_size: int = 32,
         denoiser: DenoiserRouter | None = None,
+        retry_s: tuple[float, float] = (RETRY_FIRST_S, RETRY_MAX_S),
     ):
         self.registry = registry
+        self.retry_s = retry_s  # backoff of failed stacks: first delay, longest delay
         self.pipe = pipe
         self.events = events or NoEvents()
         self.cache_size = cache_size
         self.denoiser = denoiser or DenoiserRouter(pipe)
+        # What builds read instead of the live pipeline, whose text encoders are rerouted
+        # during every batch: the signature to verify against, the base parameters.
+        self.signature = ModelSignature.of(pipe)
+        self.base = {name: base_parameters(pipe, name) for name in pipeline_components(pipe)}
+        self._denoiser_name = denoiser_component(pipe)
+        self._builder = ThreadPoolExecutor(1, thread_name_prefix="stack-build")
+        self._builds: dict[tuple[str, ...], Future[_Built]] = {}
+        self._failures: dict[tuple[str, ...], _Failure] = {}
+        self._attempts: dict[tuple[str, ...], int] = {}  # failed builds in a row, per stack
+        self._served: set[str] = set()  # tenants that had a state: a new stack is a reload
         self._plans: OrderedDict[tuple[str, ...], _Plan] = OrderedDict()
         self._snapshot = RuntimeSnapshot(generation=-1)
 
@@ -142,8 +205,12 @@ class PatchRuntime:
     def snapshot(self) -> RuntimeSnapshot:
         return self._snapshot
 
-    def refresh(self) -> RuntimeSnapshot:
-        """Catch up with the registry; returns the snapshot a batch should use."""
+    def close(self) -> None:
+        self._builder.shutdown(wait=False, cancel_futures=True)
+
+    def refresh(self, wait: bool = False) -> RuntimeSnapshot:
+        """Catch up with the registry; returns the snapshot a batch should use. Builds of
+        changed stacks run on the build thread; `wait` waits for them (start-up, tests)."""
         current = self._snapshot
         try:
             state = self.registry.snapshot()
@@ -151,57 +218,121 @@ class PatchRuntime:
             logger.error("cannot read the registry; failing every tenant closed: %s", exc)
             self._snapshot = RuntimeSnapshot(current.generation, {}, registry_error=str(exc))
             return self._snapshot
-        if state.generation == current.generation and current.registry_error is None:
+        new_generation = state.generation != current.generation or current.registry_error
+        if new_generation:
+            # Any registry change retries every failed stack at once.
+            self._failures.clear()
+            self._attempts.clear()
+        if wait:
+            for future in list(self._builds.values()):
+                future.exception()  # waits; a failure is recorded when it is committed
+        finished, fresh = self._commit_finished()
+        if not (new_generation or finished or self._retry_due()):
             return current
         tenants = {}
         for name, record in state.tenants.items():
-            old = current.tenants.get(name)
-            unchanged = (
-                old is not None
-                and old.failure is None
-                and old.tenant_generation == record.generation
-                and old.stack == record.stack
-            )
-            tenants[name] = old if unchanged else self._build(record, reload=old is not None)
+            tenants[name] = self._state(record, current.tenants.get(name), fresh)
         self._snapshot = RuntimeSnapshot(state.generation, MappingProxyType(tenants))
         self._prune_cache()
-        self.events.generation_seen(state.generation)
+        if new_generation:
+            self.events.generation_seen(state.generation)
+        if wait and not self._snapshot.settled and self._builds:
+            return self.refresh(wait=True)
         return self._snapshot
 
-    def _build(self, record: TenantRecord, reload: bool) -> TenantState:
-        started = time.perf_counter()
-        try:
-            plan = self._plan_for(record.stack) or _Plan(None, None)
-        except Exception as exc:
-            # Whatever goes wrong (a refusal, I/O, torch out of memory), it fails this tenant
-            # only: the worker and every other tenant keep serving.
-            reason = f"{type(exc).__name__}: {exc}"
-            expected = isinstance(exc, (ConceptGuardError, OSError))
-            logger.error("tenant %r fails closed: %s", record.tenant, reason, exc_info=not expected)
-            self.events.stack_failed(record.tenant, exc)
-            return TenantState(record.tenant, record.stack, record.generation, failure=reason)
-        self.events.stack_built(record.tenant, reload, time.perf_counter() - started)
-        return TenantState(record.tenant, record.stack, record.generation, plan.text, plan.denoiser)
-
-    def _plan_for(self, stack: tuple[str, ...]) -> _Plan | None:
+    def _state(
+        self, record: TenantRecord, old: TenantState | None, fresh: Mapping[tuple[str, ...], float]
+    ) -> TenantState:
+        stack = record.stack
+        ready = TenantState(record.tenant, stack, record.generation)
+        if (
+            old is not None
+            and old.ready
+            and (old.stack, old.tenant_generation)
+            == (
+                stack,
+                record.generation,
+            )
+        ):
+            return old
+        reload = record.tenant in self._served
         if not stack:
-            return None
+            self._served.add(record.tenant)
+            return ready
         if stack in self._plans:
             self._plans.move_to_end(stack)
-            return self._plans[stack]
-        text, denoiser = [], []
+            plan = self._plans[stack]
+            # Built now, or taken from the cache (a rollback, another tenant's stack): 0 s.
+            self.events.stack_built(record.tenant, reload, fresh.get(stack, 0.0))
+            self._served.add(record.tenant)
+            return replace(ready, plan=plan.text, denoiser=plan.denoiser)
+        failure = self._failures.get(stack)
+        if failure is not None:
+            if old is None or old.failure != failure.reason:
+                logger.error("tenant %r fails closed: %s", record.tenant, failure.reason)
+                self.events.stack_failed(record.tenant, failure.error)
+            self._served.add(record.tenant)
+            return replace(ready, failure=failure.reason)
+        if stack not in self._builds:
+            self._builds[stack] = self._builder.submit(self._build, stack)
+        return replace(ready, pending=True)
+
+    def _build(self, stack: tuple[str, ...]) -> _Built:
+        """The slow part of a stack, on the build thread: reads the registry, the start-up
+        signature and base parameters, and the denoiser's modules; changes nothing shared."""
+        started = time.perf_counter()
+        text: list[Patch] = []
+        denoiser: list[Patch] = []
         for pid in stack:
             patch = self.registry.load_patch(pid)
             check_servable_kind(patch.manifest.kind, f"patch {pid[:12]}")
-            patch.verify(self.pipe)
+            patch.verify(self.signature)
             (denoiser if patch.manifest.kind in DENOISER_KINDS else text).append(patch)
-        text_plan = (
-            build_text_plan(self.pipe, compose_weight_stack(self.pipe, text)) if text else None
-        )
-        # Last: a failure above leaves the denoiser's slots as they were.
-        plan = _Plan(text_plan, self.denoiser.prepare(denoiser))
-        self._plans[stack] = plan
-        return plan
+        composed = compose_weight_stack(self.pipe, text, self.base) if text else {}
+        prepared = self.denoiser.build(denoiser, self.base.get(self._denoiser_name))
+        return _Built(composed, prepared, time.perf_counter() - started)
+
+    def _commit_finished(self) -> tuple[bool, dict[tuple[str, ...], float]]:
+        """Turn finished builds into cached plans (or recorded failures): whether any build
+        finished, and the stacks that became plans, with their build seconds."""
+        done = [stack for stack, future in self._builds.items() if future.done()]
+        fresh = {}
+        for stack in done:
+            future = self._builds.pop(stack)
+            try:
+                built = future.result()
+                text = build_text_plan(self.pipe, built.text) if built.text else None
+                # Last: a failure above leaves the denoiser's slots as they were.
+                denoiser = self.denoiser.add(built.denoiser) if built.denoiser else None
+            except Exception as exc:
+                # Whatever goes wrong (a refusal, I/O, out of memory), it fails the tenants
+                # of this stack only: the worker and every other tenant keep serving.
+                self._record_failure(stack, exc)
+                continue
+            self._plans[stack] = _Plan(text, denoiser)
+            self._attempts.pop(stack, None)
+            fresh[stack] = built.seconds
+        return bool(done), fresh
+
+    def _record_failure(self, stack: tuple[str, ...], exc: Exception) -> None:
+        expected = isinstance(exc, (ConceptGuardError, OSError))
+        reason = f"{type(exc).__name__}: {exc}"
+        stack_ids = [pid[:12] for pid in stack]
+        logger.error("stack %s fails closed: %s", stack_ids, reason, exc_info=not expected)
+        attempts = self._attempts.get(stack, 0) + 1
+        self._attempts[stack] = attempts
+        first, longest = self.retry_s
+        delay = min(longest, first * 2 ** (attempts - 1))
+        self._failures[stack] = _Failure(reason, exc, time.monotonic() + delay)
+
+    def _retry_due(self) -> bool:
+        """Drop failures whose backoff has run out, so their stacks are built again."""
+        now = time.monotonic()
+        due = [stack for stack, f in self._failures.items() if f.retry_at <= now]
+        for stack in due:
+            del self._failures[stack]
+            self._builds[stack] = self._builder.submit(self._build, stack)
+        return bool(due)
 
     def _prune_cache(self) -> None:
         """Keep the plans in use plus the `cache_size` most recently used others; release

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from conftest import lora_patch, text_encoder_patch, unet_weights_patch
 
 from patches.registry import open_registry
 from server.denoiser_routing import DenoiserRouter
 from server.errors import RegistryUnavailable, StackNotReady
-from server.runtime import PatchRuntime
+from server.runtime import PatchRuntime, StackBuilding
 
 
 class Recorder:
@@ -49,22 +51,24 @@ def test_only_changed_tenants_are_rebuilt(registry, tiny_sd, patch_files):
     registry.set_tenant("a", [ids[0]])
     registry.set_tenant("b", [ids[1]])
     runtime, events = _runtime(registry, tiny_sd)
-    first = runtime.refresh()
+    first = runtime.refresh(wait=True)
     assert sorted(events.built) == [("a", False), ("b", False)]
     assert first.generation == registry.generation()
-    assert runtime.refresh() is first  # no change: nothing read beyond a stat, nothing built
+    assert (
+        runtime.refresh(wait=True) is first
+    )  # no change: nothing read beyond a stat, nothing built
 
     registry.set_tenant("a", [ids[0], ids[2]])
-    second = runtime.refresh()
+    second = runtime.refresh(wait=True)
     assert events.built[2:] == [("a", True)]
     assert second.state_for("b") is first.state_for("b")
     assert second.state_for("a").stack == (ids[0], ids[2])
     # The snapshot a batch took earlier is untouched: in-flight rows keep their stack.
     assert first.state_for("a").stack == (ids[0],)
 
-    registry.put_patch(patch_files[2], name="again")  # identical bytes: no write at all
+    registry.put_patch(patch_files[2], name="p2")  # identical bytes: no write at all
     registry.set_tenant("b", [ids[1]])  # same stack: the tenant's generation does not move
-    runtime.refresh()
+    runtime.refresh(wait=True)
     assert len(events.built) == 3
 
 
@@ -72,11 +76,11 @@ def test_rollback_reuses_the_built_plan(registry, tiny_sd, patch_files):
     ids = [registry.put_patch(patch_files[i]).id for i in range(2)]
     registry.set_tenant("a", [ids[0]])
     runtime, _ = _runtime(registry, tiny_sd)
-    plan = runtime.refresh().state_for("a").plan
+    plan = runtime.refresh(wait=True).state_for("a").plan
     registry.set_tenant("a", [ids[1]])
-    assert runtime.refresh().state_for("a").plan is not plan
+    assert runtime.refresh(wait=True).state_for("a").plan is not plan
     registry.rollback_tenant("a")
-    assert runtime.refresh().state_for("a").plan is plan
+    assert runtime.refresh(wait=True).state_for("a").plan is plan
 
 
 def test_a_corrupt_patch_fails_its_tenant_closed(registry, tiny_sd, patch_files):
@@ -85,7 +89,7 @@ def test_a_corrupt_patch_fails_its_tenant_closed(registry, tiny_sd, patch_files)
     registry.set_tenant("a", [bad])
     registry.set_tenant("b", [good])
     runtime, events = _runtime(registry, tiny_sd)
-    snapshot = runtime.refresh()
+    snapshot = runtime.refresh(wait=True)
     assert events.failed == [("a", "RegistryCorrupt")]
     with pytest.raises(StackNotReady, match="could not be loaded: RegistryCorrupt") as info:
         snapshot.state_for("a").require_ready()
@@ -95,7 +99,7 @@ def test_a_corrupt_patch_fails_its_tenant_closed(registry, tiny_sd, patch_files)
     assert snapshot.state_for("nobody").require_ready().plan is None
 
     registry.set_tenant("a", [good])  # a working stack brings the tenant back
-    assert runtime.refresh().state_for("a").require_ready() is not None
+    assert runtime.refresh(wait=True).state_for("a").require_ready() is not None
 
 
 def test_failed_tenants_are_retried_on_the_next_generation(registry, tiny_sd, patch_files):
@@ -104,10 +108,10 @@ def test_failed_tenants_are_retried_on_the_next_generation(registry, tiny_sd, pa
     blob.write_bytes(b"garbage")
     registry.set_tenant("a", [pid])
     runtime, _ = _runtime(registry, tiny_sd)
-    assert runtime.refresh().state_for("a").failure
+    assert runtime.refresh(wait=True).state_for("a").failure
     blob.write_bytes(patch_files[0])  # repaired on disk
     registry.set_tenant("other", [])  # any later write makes workers look again
-    assert runtime.refresh().state_for("a").failure is None
+    assert runtime.refresh(wait=True).state_for("a").failure is None
 
 
 def test_an_unservable_denoiser_edit_fails_closed(registry, tiny_sd):
@@ -117,7 +121,7 @@ def test_an_unservable_denoiser_edit_fails_closed(registry, tiny_sd):
     registry.set_tenant("b", [])
     events = Recorder()
     runtime = PatchRuntime(registry, tiny_sd, events, denoiser=DenoiserRouter(tiny_sd, max_rank=8))
-    snapshot = runtime.refresh()
+    snapshot = runtime.refresh(wait=True)
     assert events.failed == [("a", "WrongTarget")]
     assert "rank 32" in snapshot.state_for("a").failure
     assert snapshot.state_for("b").require_ready()
@@ -132,7 +136,7 @@ def test_denoiser_patches_become_the_tenants_denoiser_stack(registry, tiny_sd, p
     registry.set_tenant("b", [loras[1]])
     # No spare plans: what no tenant uses is released at once.
     runtime = PatchRuntime(registry, tiny_sd, cache_size=0)
-    snapshot = runtime.refresh()
+    snapshot = runtime.refresh(wait=True)
     a, b = snapshot.state_for("a"), snapshot.state_for("b")
     assert a.failure is None and a.plan is not None
     assert a.denoiser.patch_ids == (loras[0], dense, loras[1])  # stack order, kinds mixed
@@ -142,11 +146,11 @@ def test_denoiser_patches_become_the_tenants_denoiser_stack(registry, tiny_sd, p
     assert a.denoiser.rank("conv_in") == 32
     assert {a.denoiser.rank(p) for p in a.denoiser.layers if p != "conv_in"} == {8}
     registry.set_tenant("a", [text])  # nobody uses a's denoiser stack any more: released
-    assert runtime.refresh().state_for("a").denoiser is None
+    assert runtime.refresh(wait=True).state_for("a").denoiser is None
     assert runtime.denoiser.prepared == [(loras[1],)]
     assert "conv_in" not in runtime.denoiser.layers
     registry.set_tenant("b", [])
-    runtime.refresh()
+    runtime.refresh(wait=True)
     assert runtime.denoiser.prepared == [] and runtime.denoiser.layers == {}
     # The shared denoiser itself was never touched.
     assert not any("lora" in name for name, _ in tiny_sd.unet.named_parameters())
@@ -156,16 +160,48 @@ def test_a_patch_for_another_base_fails_closed(registry, tiny_sd, other_sd):
     pid = registry.put_patch(text_encoder_patch(other_sd).to_bytes()).id
     registry.set_tenant("a", [pid])
     runtime, _ = _runtime(registry, tiny_sd)
-    assert "BaseFingerprintMismatch" in runtime.refresh().state_for("a").failure
+    assert "BaseFingerprintMismatch" in runtime.refresh(wait=True).state_for("a").failure
 
 
 def test_an_unreadable_registry_fails_every_tenant(registry, tiny_sd, patch_files):
     registry.set_tenant("a", [registry.put_patch(patch_files[0]).id])
     runtime, _ = _runtime(registry, tiny_sd)
-    runtime.refresh()
+    runtime.refresh(wait=True)
     (registry.root / "state.json").write_text("{not json")
-    snapshot = runtime.refresh()
+    snapshot = runtime.refresh(wait=True)
     for tenant in ("a", "nobody"):
         with pytest.raises(RegistryUnavailable) as info:
             snapshot.state_for(tenant)
         assert info.value.http_status == 503
+
+
+def test_a_changed_stack_builds_off_the_batch_path(registry, tiny_sd, patch_files):
+    ids = [registry.put_patch(patch_files[i], name=f"p{i}").id for i in range(3)]
+    registry.set_tenant("a", [ids[0]])
+    registry.set_tenant("b", [ids[1]])
+    runtime, _ = _runtime(registry, tiny_sd)
+    before = runtime.refresh(wait=True)
+    registry.set_tenant("a", [ids[0], ids[2]])
+    during = runtime.refresh()  # returns at once: a's new stack builds on the build thread
+    a = during.state_for("a")
+    assert a.pending and a.stack == (ids[0], ids[2]) and a.plan is None
+    with pytest.raises(StackBuilding):
+        a.require_ready()  # never served with its old stack meanwhile
+    assert during.state_for("b") is before.state_for("b")  # b is served as it was
+    after = runtime.refresh(wait=True)
+    assert after.state_for("a").ready and after.state_for("a").plan is not None
+
+
+def test_failed_stacks_are_retried_after_a_backoff(registry, tiny_sd, patch_files):
+    pid = registry.put_patch(patch_files[0]).id
+    blob = next(registry.root.glob(f"blobs/{pid}*"))
+    blob.write_bytes(b"garbage")
+    registry.set_tenant("a", [pid])
+    runtime = PatchRuntime(registry, tiny_sd, retry_s=(1.0, 1.0))
+    assert runtime.refresh(wait=True).state_for("a").failure
+    blob.write_bytes(patch_files[0])  # repaired on disk; the registry itself never changes
+    assert runtime.refresh(wait=True).state_for("a").failure  # not before the backoff
+    deadline = time.monotonic() + 20
+    while runtime.refresh(wait=True).state_for("a").failure and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert runtime.refresh(wait=True).state_for("a").ready
