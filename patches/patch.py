@@ -192,7 +192,7 @@ class Patch:
         elif kind == "unet_lora":
             kinds.verify_lora(self.manifest, self.tensors, signature.layers, signature.kernels)
         else:
-            verify_module(self.manifest.params, self.tensors, signature.parameters)
+            verify_module(self.manifest.params, self.tensors, signature)
 
     # --- applying -------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 A `ModelSignature` holds, per patchable component: the base fingerprint in the dtype it is
 served in, every base parameter's shape, and the fan-in/fan-out of every Linear and Conv2d
-layer (LoRA targets) and each Conv2d's kernel size. `Patch.verify` checks against it, so a
+layer (LoRA targets), each Conv2d's kernel size, and the component's config (what a U-Net
+module type derives its shapes from). `Patch.verify` checks against it, so a
 process that only checks uploads (the server's API process) can keep a signature of a few
 hundred KB instead of a copy of the model. Signatures of a live pipeline are built on the
 fly and give the same verdicts as before.
@@ -20,6 +21,15 @@ from patches.errors import WrongTarget
 from patches.targets import base_named_parameters, pipeline_components, pipeline_family
 
 
+def _plain(value: Any) -> Any:
+    """A config as plain JSON-like values (tuples as lists), safe to pickle and compare."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items() if not str(k).startswith("_")}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+
+
 @dataclass(frozen=True)
 class ComponentSignature:
     name: str
@@ -29,6 +39,7 @@ class ComponentSignature:
     parameters: Mapping[str, tuple[int, ...]]
     layers: Mapping[str, tuple[int, int]]  # Linear / Conv2d path -> (fan in, fan out)
     kernels: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # Conv2d path -> size
+    config: Mapping[str, Any] = field(default_factory=dict)  # the component's own config
 
     @classmethod
     def of(cls, name: str, module: torch.nn.Module, owner: str) -> ComponentSignature:
@@ -46,7 +57,9 @@ class ComponentSignature:
             elif isinstance(layer, torch.nn.Conv2d):
                 layers[path] = (layer.in_channels, layer.out_channels)
                 kernels[path] = tuple(layer.kernel_size)
-        return cls(name, owner, dtype, digest, parameters, layers, kernels)
+        config = getattr(module, "config", None)
+        plain = _plain(dict(config)) if isinstance(config, Mapping) else {}
+        return cls(name, owner, dtype, digest, parameters, layers, kernels, plain)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import torch
 
 from patches.errors import ShapeMismatch, UnknownTensorName, WrongTarget
+from patches.signature import ComponentSignature
 
 
 @dataclass(frozen=True)
@@ -50,10 +51,10 @@ class UnetModuleType(ABC):
 
     @abstractmethod
     def expected_shapes(
-        self, config: Mapping[str, Any], parameters: Mapping[str, tuple[int, ...]]
+        self, config: Mapping[str, Any], unet: ComponentSignature
     ) -> dict[str, tuple[int, ...]]:
-        """Tensor name -> shape this type needs for a U-Net with these base parameters
-        (name -> shape); raises WrongTarget when the config does not fit the U-Net."""
+        """Tensor name -> shape this type needs for the U-Net `unet` describes (its config
+        and parameter shapes); raises WrongTarget when the config does not fit it."""
 
     @abstractmethod
     def build(
@@ -72,6 +73,8 @@ def register_module_type(module_type: UnetModuleType) -> UnetModuleType:
 
 def module_type_for(params: Mapping[str, Any]) -> UnetModuleType:
     """The type a patch's params name, or WrongTarget (unknown types fail closed)."""
+    import patches.skip_eraser  # noqa: F401  (registers the built-in types)
+
     name = params.get("module_type")
     if name not in MODULE_TYPES:
         known = ", ".join(sorted(MODULE_TYPES)) or "none"
@@ -82,13 +85,11 @@ def module_type_for(params: Mapping[str, Any]) -> UnetModuleType:
 
 
 def verify_module(
-    params: Mapping[str, Any],
-    tensors: Mapping[str, torch.Tensor],
-    parameters: Mapping[str, tuple[int, ...]],
+    params: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], unet: ComponentSignature
 ) -> None:
     """The patch's tensors are exactly what its module type needs for this U-Net."""
     module_type = module_type_for(params)
-    expected = module_type.expected_shapes(params.get("module_config") or {}, parameters)
+    expected = module_type.expected_shapes(params.get("module_config") or {}, unet)
     unknown = sorted(set(tensors) - set(expected))
     missing = sorted(set(expected) - set(tensors))
     if unknown or missing:

@@ -282,9 +282,9 @@ class _ChannelShift(SkipModule):
 class _ChannelShiftType(UnetModuleType):
     name = "test_channel_shift"
 
-    def expected_shapes(self, config, parameters):
+    def expected_shapes(self, config, unet):
         channels = config["channels"]
-        if parameters["conv_in.weight"][0] != channels[0]:
+        if unet.parameters["conv_in.weight"][0] != channels[0]:
             raise WrongTarget("channels do not fit this U-Net")
         shapes = {f"module.down.{i}": (c,) for i, c in enumerate(channels)}
         return {**shapes, "module.mid": (config["mid"],)}
