@@ -70,17 +70,23 @@ def lora_copy(module: torch.nn.Module, targets: str, config: EsdConfig) -> torch
 
 
 class Denoiser:
-    """The interface `erasure/esd/train.py` trains against."""
+    """The interface `erasure/esd/train.py` (and DuMo's training) trains against.
+
+    `model` is the denoiser being trained: by default a float32 copy of the pipeline's with
+    ESD's LoRA adapter; DuMo passes its own copy, with the eraser attached by a hook.
+    `config` needs device, resolution, sample_steps and sample_guidance (and ESD's mode)."""
 
     component: str
     model: torch.nn.Module
     timesteps: torch.Tensor
 
-    def __init__(self, pipe: Any, config: EsdConfig):
+    def __init__(self, pipe: Any, config: Any, model: torch.nn.Module | None = None):
         self.pipe, self.config = pipe, config
         self.component = denoiser_component(pipe)
-        targets = TARGET_MODULES[self.component][config.mode]
-        self.model = lora_copy(getattr(pipe, self.component), targets, config)
+        if model is None:
+            targets = TARGET_MODULES[self.component][config.mode]
+            model = lora_copy(getattr(pipe, self.component), targets, config)
+        self.model = model
 
     def encode(self, prompts: list[str]) -> Cond:
         raise NotImplementedError
@@ -99,8 +105,8 @@ class Denoiser:
 
 
 class UNetDenoiser(Denoiser):
-    def __init__(self, pipe: Any, config: EsdConfig):
-        super().__init__(pipe, config)
+    def __init__(self, pipe: Any, config: Any, model: torch.nn.Module | None = None):
+        super().__init__(pipe, config, model)
         from diffusers import DDIMScheduler
 
         self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -164,8 +170,8 @@ class UNetDenoiser(Denoiser):
 class FluxDenoiser(Denoiser):
     MAX_SEQUENCE_LENGTH = 512
 
-    def __init__(self, pipe: Any, config: EsdConfig):
-        super().__init__(pipe, config)
+    def __init__(self, pipe: Any, config: Any, model: torch.nn.Module | None = None):
+        super().__init__(pipe, config, model)
         self.size = config.resolution or 512
         factor = pipe.vae_scale_factor * 2  # VAE downsampling, then 2x2 packing
         self.seq_len = (self.size // factor) ** 2
@@ -243,9 +249,9 @@ class FluxDenoiser(Denoiser):
         return latents, self.scheduler.timesteps[stop]
 
 
-def denoiser_for(pipe: Any, config: EsdConfig) -> Denoiser:
+def denoiser_for(pipe: Any, config: Any, model: torch.nn.Module | None = None) -> Denoiser:
     return (
-        FluxDenoiser(pipe, config)
+        FluxDenoiser(pipe, config, model)
         if pipeline_family(pipe) == "flux"
-        else UNetDenoiser(pipe, config)
+        else UNetDenoiser(pipe, config, model)
     )
