@@ -10,6 +10,7 @@ the file stores them in name order, as safetensors does for single-dtype patches
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import struct
 from collections.abc import Iterator
@@ -36,6 +37,19 @@ from patches.patch_file import (
 CHUNK_BYTES = 8 * 2**20
 
 
+def chunk_buffer() -> memoryview:
+    """A CHUNK_BYTES buffer mapped from the OS, unmapped when the last view of it goes. A
+    malloc'd one would go back to the allocator, which may keep it resident for good: the
+    API process would hold on to memory after every upload."""
+    return memoryview(mmap.mmap(-1, CHUNK_BYTES))
+
+
+def _surely_finite(values: torch.Tensor) -> bool:
+    # A sum with a NaN or an infinity in it is not finite, so a finite sum clears the chunk
+    # without allocating a mask per chunk (a non-finite one may be an overflow: count then).
+    return bool(torch.isfinite(values.sum()))
+
+
 @dataclass(frozen=True)
 class CheckedFile:
     """A patch file that passed every check that needs no pipeline, described without its
@@ -54,15 +68,14 @@ class CheckedFile:
         }
 
 
-def _chunks(file: BinaryIO, offset: int, length: int, buffer: bytearray) -> Iterator[memoryview]:
-    view = memoryview(buffer)
+def _chunks(file: BinaryIO, offset: int, length: int, buffer: memoryview) -> Iterator[memoryview]:
     file.seek(offset)
     while length > 0:
-        n = file.readinto(view[: min(length, len(buffer))])
+        n = file.readinto(buffer[: min(length, len(buffer))])
         if not n:
             raise TruncatedFile("the file ended early while it was being read (it changed)")
         length -= n
-        yield view[:n]
+        yield buffer[:n]
 
 
 def _content_line(entry: TensorEntry) -> bytes:
@@ -86,7 +99,7 @@ def check_patch_file(file: BinaryIO, limits: FileLimits = DEFAULT_LIMITS) -> Che
     in_name_order = sorted(parsed.entries.values(), key=lambda e: e.name)
     one_pass = in_file_order == in_name_order
     file_hash, content_hash = hashlib.sha256(head[: parsed.data_start]), hashlib.sha256()
-    buffer = bytearray(CHUNK_BYTES)
+    buffer = chunk_buffer()
     for entry in in_file_order:
         dtype = ALLOWED_DTYPES[entry.dtype][0]
         if one_pass:
@@ -97,8 +110,10 @@ def check_patch_file(file: BinaryIO, limits: FileLimits = DEFAULT_LIMITS) -> Che
             file_hash.update(chunk)
             if one_pass:
                 content_hash.update(chunk)
-            chunk_nan, chunk_inf = non_finite_counts(torch.frombuffer(chunk, dtype=dtype))
-            nan, inf = nan + chunk_nan, inf + chunk_inf
+            values = torch.frombuffer(chunk, dtype=dtype)
+            if not _surely_finite(values):
+                chunk_nan, chunk_inf = non_finite_counts(values)
+                nan, inf = nan + chunk_nan, inf + chunk_inf
         refuse_non_finite(entry.name, nan, inf)
     if not one_pass:
         for entry in in_name_order:

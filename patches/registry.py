@@ -135,8 +135,9 @@ class Registry(ABC):
     @abstractmethod
     def recover(self, document: bytes) -> RegistryState:
         """Restore a copy of the state (`document`, a state.json) where the state is missing,
-        after checking it and the patch files it names; it gets a generation above any this
-        registry issued, so every worker rebuilds from it."""
+        after checking its consistency; it gets a generation above any this registry issued,
+        so every worker rebuilds from it. Damaged patch files it names are left to `check`
+        (their tenants fail closed)."""
 
 
 def open_registry(location: str | Path, create: bool = True) -> Registry:

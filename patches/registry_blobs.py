@@ -66,15 +66,16 @@ class BlobStore:
 
     def store(self, file: BinaryIO, checked: CheckedFile) -> None:
         """Copy the checked `file` into its blob, refusing it if it changed since the check."""
-        from patches.patch_file_stream import CHUNK_BYTES
+        from patches.patch_file_stream import chunk_buffer
 
-        digest, buffer = hashlib.sha256(), bytearray(CHUNK_BYTES)
-        view = memoryview(buffer)
+        digest = hashlib.sha256()
         file.seek(0)
-        with atomic_writer(self.path(checked.sha256), self.tmp_dir) as out:
+        path = self.path(checked.sha256)
+        buffer = chunk_buffer()
+        with atomic_writer(path, self.tmp_dir) as out:
             while n := file.readinto(buffer):
-                digest.update(view[:n])
-                out.write(view[:n])
+                digest.update(buffer[:n])
+                out.write(buffer[:n])
             if digest.hexdigest() != checked.sha256:
                 raise ContentHashMismatch(
                     "the file changed while it was being registered; nothing was stored"

@@ -214,4 +214,8 @@ def recover_command(args: argparse.Namespace) -> int:
         f"restored the registry's state from {args.source}: generation {state.generation}, "
         f"{len(state.patches)} patches, {len(state.tenants)} tenants"
     )
+    problems = registry.check()
+    if problems:
+        print("`registry check` finds (the tenants using these fail closed):")
+        print("\n".join(f"  {problem}" for problem in problems))
     return 0

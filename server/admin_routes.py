@@ -2,17 +2,23 @@
 
 They write the registry and nothing else: workers see every change through the registry
 generation before their next batch, whoever made it (this server, the CLI, another replica).
-An upload is validated (`Patch.from_bytes`), checked to be a kind this server can serve and
-verified against the served model's components before a byte is stored.
+An upload is validated, checked to be a kind this server can serve and verified against the
+served model's signature before a byte is stored.
 
-The served model's components come from the main process, which loads the pipeline once at
-start-up (to fail early) and computes its fingerprints before LitServe forks the API process;
-the fork shares those pages copy-on-write, so verifying an upload never reloads the model.
+Every route authenticates before it reads a body (bodies are read in the handlers, after the
+`admin` dependency), and every body is bounded. An upload is streamed to an unnamed
+temporary file and checked from there in bounded memory, so a gigabyte upload costs the API
+process a few megabytes; `max_concurrent_uploads` bound how many are spooled at once
+(429 with Retry-After beyond that).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, BinaryIO
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,16 +26,27 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
-from starlette.formparsers import MultiPartParser
+from starlette.formparsers import MultiPartException, MultiPartParser
 
-from patches.errors import ConceptGuardError
+from patches.errors import ConceptGuardError, TenantNotFound
 from patches.patch import Patch
 from patches.registry import Registry
-from patches.registry_records import check_stack
+from patches.registry_records import check_stack, check_tenant_name
 from server.auth import Caller, KeyRing
-from server.errors import InvalidRequest, error_payload, payload_for
-from server.request_body import read_body
+from server.config import ServerConfig
+from server.errors import (
+    InternalError,
+    InvalidRequest,
+    TenantConfigured,
+    TooManyUploads,
+    error_payload,
+    payload_for,
+    response_headers,
+)
+from server.request_body import body_chunks, parse_body, read_json, spool_body
 from server.runtime import check_servable_kind
+
+logger = logging.getLogger(__name__)
 
 
 class TenantStackBody(BaseModel):
@@ -47,11 +64,12 @@ class RollbackBody(BaseModel):
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """The one mapping from ConceptGuard errors (and malformed bodies) to HTTP answers."""
+    """The one mapping from ConceptGuard errors (and malformed bodies) to HTTP answers; any
+    other exception is a logged 500 with the same JSON shape, never a plain-text page."""
 
     async def conceptguard_error(request: Request, exc: ConceptGuardError) -> JSONResponse:
         status, body = payload_for(exc)
-        return JSONResponse(body, status_code=status)
+        return JSONResponse(body, status_code=status, headers=response_headers(exc))
 
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
         message = "; ".join(
@@ -59,38 +77,79 @@ def install_error_handlers(app: FastAPI) -> None:
         )
         return JSONResponse(error_payload("InvalidRequest", message), status_code=400)
 
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("%s %s failed", request.method, request.url.path)
+        status, body = payload_for(InternalError("the server failed; see its log"))
+        return JSONResponse(body, status_code=status)
+
     app.add_exception_handler(ConceptGuardError, conceptguard_error)
     app.add_exception_handler(RequestValidationError, invalid_body)
+    app.add_exception_handler(Exception, unexpected)
 
 
-async def _upload_bytes(request: Request, limit: int) -> tuple[bytes, str | None]:
-    """The patch file from a raw body or a multipart form (field `file`, optional `name`)."""
-    body = await read_body(request, limit, "patch upload")
+class UploadSlots:
+    """At most `limit` uploads spooled and checked at once in this API process. The event
+    loop is one thread, so a plain counter is enough."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.busy = 0
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        if self.busy >= self.limit:
+            raise TooManyUploads(
+                f"{self.busy} patch uploads are being received or checked, the most this "
+                f"server takes at once; retry in {TooManyUploads.retry_after_s} s"
+            )
+        self.busy += 1
+        try:
+            yield
+        finally:
+            self.busy -= 1
+
+
+# The uploaded file, and the name given in a multipart form (if any).
+SpooledUpload = tuple[BinaryIO, str | None]
+
+
+@asynccontextmanager
+async def _spooled_upload(request: Request, limit: int) -> AsyncIterator[SpooledUpload]:
+    """The patch file from a raw body or a multipart form (field `file`, optional `name`),
+    on disk; the temporary file has no name, so nothing is left behind, even by a crash."""
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
-        return body, None
-
-    async def chunks():
-        yield body
-
+        with tempfile.TemporaryFile() as file:
+            await spool_body(request, limit, "patch upload", file)
+            yield file, None
+        return
+    parser = MultiPartParser(
+        Headers(raw=request.headers.raw),
+        body_chunks(request, limit, "patch upload"),
+        max_files=1,
+        max_fields=4,
+    )
     try:
-        form = await MultiPartParser(Headers(raw=request.headers.raw), chunks()).parse()
-    except Exception as exc:  # the parser's own error types differ between versions
-        raise InvalidRequest(f"malformed multipart body: {exc}") from None
-    upload = form.get("file")
-    if upload is None or isinstance(upload, str):
-        raise InvalidRequest("a multipart upload needs the patch file in a field named 'file'")
-    name = form.get("name")
-    return await upload.read(), name if isinstance(name, str) else None
+        form = await parser.parse()
+    except MultiPartException as exc:
+        raise InvalidRequest(f"malformed multipart body: {exc.message}") from None
+    try:
+        upload, name = form.get("file"), form.get("name")
+        if upload is None or isinstance(upload, str):
+            raise InvalidRequest("a multipart upload needs the patch file in a field named 'file'")
+        yield upload.file, name if isinstance(name, str) else None
+    finally:
+        await form.close()
 
 
 def register_admin_routes(
-    app: FastAPI, registry: Registry, keys: KeyRing, model: Any, max_patch_bytes: int
+    app: FastAPI, registry: Registry, keys: KeyRing, model: Any, config: ServerConfig
 ) -> None:
     """Add the admin API to `app` (before the server starts)."""
+    slots = UploadSlots(config.max_concurrent_uploads)
 
     def admin(request: Request) -> Caller:
-        return keys.admin(request.headers.get("authorization"))
+        return keys.admin(request.headers)
 
     def check_upload(patch: Patch) -> None:
         check_servable_kind(patch.manifest.kind, "the uploaded patch")
@@ -105,11 +164,30 @@ def register_admin_routes(
             check_servable_kind(record.kind, f"patch {ref!r} ({record.ref})")
         return ids
 
+    def may_create(tenant: str, create: bool) -> bool:
+        """Whether assigning `tenant` may create its record: a configured tenant, or one the
+        caller asked to create (its key is not configured yet). A typo is a 404."""
+        if tenant in keys.tenants or create:
+            return True
+        if tenant not in registry.snapshot().tenants:
+            configured = ", ".join(sorted(keys.tenants)) or "none"
+            raise TenantNotFound(
+                f"tenant {tenant!r} is not configured on this server (configured: "
+                f"{configured}) and has no record; to give a stack to a tenant whose key is "
+                "not configured yet, ask for it explicitly (?create=true, `conceptguard tenant "
+                "set --create`)"
+            )
+        return False
+
     @app.post("/v1/patches", status_code=201, dependencies=[Depends(admin)])
-    async def upload_patch(request: Request, name: str | None = None) -> dict[str, Any]:
-        data, form_name = await _upload_bytes(request, max_patch_bytes)
-        record = await run_in_threadpool(registry.put_patch, data, name or form_name, check_upload)
-        return record.to_dict()
+    async def upload_patch(request: Request, name: str | None = None) -> JSONResponse:
+        with slots.slot():
+            async with _spooled_upload(request, config.max_patch_bytes) as (file, form_name):
+                registered = await run_in_threadpool(
+                    registry.put_patch_file, file, name or form_name, check_upload
+                )
+        status = 201 if registered.created else 200
+        return JSONResponse(registered.record.to_dict(), status_code=status)
 
     @app.get("/v1/patches", dependencies=[Depends(admin)])
     def list_patches() -> dict[str, Any]:
@@ -132,14 +210,35 @@ def register_admin_routes(
         return {"generation": state.generation, "tenants": tenants}
 
     @app.put("/v1/tenants/{tenant}", dependencies=[Depends(admin)])
-    def set_tenant(tenant: str, body: TenantStackBody) -> dict[str, Any]:
-        return registry.set_tenant(tenant, servable_ids(tenant, body.patches)).to_dict()
+    async def set_tenant(tenant: str, request: Request, create: bool = False) -> dict[str, Any]:
+        body = parse_body(TenantStackBody, await read_json(request))
+        check_tenant_name(tenant)
+
+        def assign() -> dict[str, Any]:
+            creatable = may_create(tenant, create)
+            ids = servable_ids(tenant, body.patches)
+            return registry.set_tenant(tenant, ids, create=creatable).to_dict()
+
+        return await run_in_threadpool(assign)
 
     @app.get("/v1/tenants/{tenant}", dependencies=[Depends(admin)])
     def get_tenant(tenant: str) -> dict[str, Any]:
         return registry.get_tenant(tenant).to_dict()
 
+    @app.delete("/v1/tenants/{tenant}", dependencies=[Depends(admin)])
+    def delete_tenant(tenant: str) -> dict[str, Any]:
+        if tenant in keys.tenants:
+            raise TenantConfigured(
+                f"tenant {tenant!r} is configured on this server: deleting its record would "
+                "serve it the unpatched model. Give it an empty stack (PUT with "
+                '{"patches": []}) to mean that, or remove it from the config first'
+            )
+        record = registry.get_tenant(tenant)
+        registry.delete_tenant(tenant)
+        return {"deleted": record.to_dict()}
+
     @app.post("/v1/tenants/{tenant}/rollback", dependencies=[Depends(admin)])
-    def rollback_tenant(tenant: str, body: RollbackBody | None = None) -> dict[str, Any]:
-        to_generation = body.to_generation if body else None
-        return registry.rollback_tenant(tenant, to_generation).to_dict()
+    async def rollback_tenant(tenant: str, request: Request) -> dict[str, Any]:
+        body = parse_body(RollbackBody, await read_json(request) or {})
+        record = await run_in_threadpool(registry.rollback_tenant, tenant, body.to_generation)
+        return record.to_dict()

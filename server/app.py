@@ -1,4 +1,8 @@
-"""Assembling the LitServe server: the generation API (workers), the admin routes, /metrics."""
+"""Assembling the LitServe server: the generation API (workers), the admin routes, /metrics.
+
+`build_server` creates the registry if its location holds none (a brand-new deployment) and
+refuses to start on one that exists but cannot be read (its state.json missing, say).
+"""
 
 from __future__ import annotations
 
@@ -32,8 +36,10 @@ def build_server(
     )
     install_error_handlers(server.app)
     keys = KeyRing(config)
-    register_admin_routes(
-        server.app, open_registry(registry_path), keys, signature, config.max_patch_bytes
-    )
-    register_metrics_route(server.app)
+    registry = open_registry(registry_path)
+    # A registry whose state is missing or unreadable stops the start here, with its reason,
+    # instead of a server that answers 503 to everyone.
+    registry.snapshot()
+    register_admin_routes(server.app, registry, keys, signature, config)
+    register_metrics_route(server.app, keys)
     return server

@@ -1,5 +1,5 @@
-"""`conceptguard patch push` and `conceptguard tenant set|show|rollback`: the admin API from
-the command line (stdlib HTTP, so the client needs nothing the server does not).
+"""`conceptguard patch push` and `conceptguard tenant set|show|rollback|delete`: the admin API
+from the command line (stdlib HTTP, so the client needs nothing the server does not).
 
 The server URL and admin key default to $CONCEPTGUARD_SERVER and $CONCEPTGUARD_ADMIN_KEY.
 Any refusal ends in one line naming the HTTP status and the server's reason (exit 2).
@@ -13,8 +13,7 @@ import os
 import urllib.error
 import urllib.parse
 import urllib.request
-from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from patches.errors import ConceptGuardError
 
@@ -51,8 +50,18 @@ def add_tenant_parser(subparsers: argparse._SubParsersAction) -> None:
     set_ = commands.add_parser("set", help="set a tenant's ordered patch stack (none: clear)")
     set_.add_argument("tenant")
     set_.add_argument("refs", nargs="*", metavar="REF", help="patch id, NAME@VERSION or NAME")
+    set_.add_argument(
+        "--create",
+        action="store_true",
+        help="the tenant is not configured on the server yet: create its record anyway",
+    )
     _add_connection_args(set_)
     set_.set_defaults(func=tenant_set_command)
+
+    delete = commands.add_parser("delete", help="delete a tenant that is not configured")
+    delete.add_argument("tenant")
+    _add_connection_args(delete)
+    delete.set_defaults(func=tenant_delete_command)
 
     show = commands.add_parser("show", help="show a tenant's stack and history")
     show.add_argument("tenant")
@@ -70,9 +79,11 @@ def _call(
     args: argparse.Namespace,
     method: str,
     path: str,
-    body: bytes | None = None,
+    body: bytes | BinaryIO | None = None,
     content_type: str = "application/json",
-) -> Any:
+    length: int | None = None,
+) -> tuple[int, Any]:
+    """(HTTP status, JSON answer) of an admin call; ServerRefused for any error answer."""
     server = (args.server or os.environ.get(ENV_SERVER) or DEFAULT_SERVER).rstrip("/")
     key = args.admin_key or os.environ.get(ENV_ADMIN_KEY)
     if not key:
@@ -81,9 +92,11 @@ def _call(
     request.add_header("Authorization", f"Bearer {key}")
     if body is not None:
         request.add_header("Content-Type", content_type)
+    if length is not None:
+        request.add_header("Content-Length", str(length))
     try:
         with urllib.request.urlopen(request, timeout=args.timeout) as response:
-            return json.loads(response.read())
+            return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         raise ServerRefused(f"HTTP {exc.code}: {_reason(exc)}") from None
     except urllib.error.URLError as exc:
@@ -116,32 +129,49 @@ def _print_tenant(record: dict[str, Any], as_json: bool) -> None:
         print(f"  {entry['generation']:>6}  {entry['action']:<8}  {entry['at']}  {shown}")
 
 
+def _tenant_path(tenant: str) -> str:
+    return f"/v1/tenants/{urllib.parse.quote(tenant, safe='')}"
+
+
 def push_command(args: argparse.Namespace) -> int:
-    data = Path(args.file).read_bytes()
     query = "?" + urllib.parse.urlencode({"name": args.name}) if args.name else ""
-    record = _call(args, "POST", f"/v1/patches{query}", data, "application/octet-stream")
+    # Streamed from the file: urllib sends a file object in blocks.
+    with open(args.file, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        path = f"/v1/patches{query}"
+        status, record = _call(args, "POST", path, file, "application/octet-stream", size)
     if args.json:
         print(json.dumps(record, indent=2))
     else:
         ref = f"{record['name']}@{record['version']}"
-        print(f"pushed {ref} ({record['id'][:12]}, {record['kind']})")
+        done = "pushed" if status == 201 else "already registered as"
+        print(f"{done} {ref} ({record['id'][:12]}, {record['kind']})")
     return 0
 
 
 def tenant_set_command(args: argparse.Namespace) -> int:
-    path = f"/v1/tenants/{urllib.parse.quote(args.tenant, safe='')}"
-    _print_tenant(_call(args, "PUT", path, _json_body({"patches": args.refs})), args.json)
+    query = "?create=true" if args.create else ""
+    body = _json_body({"patches": args.refs})
+    _print_tenant(_call(args, "PUT", _tenant_path(args.tenant) + query, body)[1], args.json)
     return 0
 
 
 def tenant_show_command(args: argparse.Namespace) -> int:
-    path = f"/v1/tenants/{urllib.parse.quote(args.tenant, safe='')}"
-    _print_tenant(_call(args, "GET", path), args.json)
+    _print_tenant(_call(args, "GET", _tenant_path(args.tenant))[1], args.json)
     return 0
 
 
 def tenant_rollback_command(args: argparse.Namespace) -> int:
-    path = f"/v1/tenants/{urllib.parse.quote(args.tenant, safe='')}/rollback"
     body = _json_body({"to_generation": args.to_generation})
-    _print_tenant(_call(args, "POST", path, body), args.json)
+    path = _tenant_path(args.tenant) + "/rollback"
+    _print_tenant(_call(args, "POST", path, body)[1], args.json)
+    return 0
+
+
+def tenant_delete_command(args: argparse.Namespace) -> int:
+    deleted = _call(args, "DELETE", _tenant_path(args.tenant))[1]["deleted"]
+    if args.json:
+        print(json.dumps(deleted, indent=2))
+    else:
+        print(f"deleted tenant {deleted['tenant']} ({len(deleted['history'])} history entries)")
     return 0

@@ -9,12 +9,14 @@ may give plain keys, which are hashed as they are read and never kept.
       acme:   {keys: ["sha256:9f86d0..."]}
       globex: {keys: ["sha256:60303a..."]}
     admin_keys: ["sha256:fd61a0..."]
+    metrics_keys: ["sha256:2c26b4..."]   # for Prometheus scrapers: GET /metrics only
     registry: /var/lib/conceptguard/registry
     limits: {max_prompt_chars: 1000, max_images: 4, max_steps: 100, max_side: 1024}
     batching: {max_batch_size: 8, batch_timeout_s: 0.02}
 
 Environment: CONCEPTGUARD_API_KEYS="acme=KEY1,globex=KEY2" (plain keys or sha256: hashes),
-CONCEPTGUARD_ADMIN_KEY="KEY" (comma-separated for several), CONCEPTGUARD_REGISTRY=DIR.
+CONCEPTGUARD_ADMIN_KEY="KEY" and CONCEPTGUARD_METRICS_KEY="KEY" (comma-separated for
+several), CONCEPTGUARD_REGISTRY=DIR.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from patches.registry_records import check_tenant_name
 KeyHash = Annotated[str, StringConstraints(pattern=r"^sha256:[0-9a-f]{64}$")]
 ENV_API_KEYS = "CONCEPTGUARD_API_KEYS"
 ENV_ADMIN_KEY = "CONCEPTGUARD_ADMIN_KEY"
+ENV_METRICS_KEY = "CONCEPTGUARD_METRICS_KEY"
 ENV_REGISTRY = "CONCEPTGUARD_REGISTRY"
 
 
@@ -103,10 +106,14 @@ class Batching(_Strict):
 class ServerConfig(_Strict):
     tenants: dict[str, TenantConfig] = Field(default_factory=dict)
     admin_keys: list[KeyHash] = Field(default_factory=list)
+    # Keys that may read GET /metrics and nothing else (the admin key may too).
+    metrics_keys: list[KeyHash] = Field(default_factory=list)
     registry: str | None = None
     limits: Limits = Field(default_factory=Limits)
     batching: Batching = Field(default_factory=Batching)
     max_patch_bytes: int = Field(default=1 << 30, ge=1024)
+    # Uploads spooled and checked at once, per API process; more get 429 with Retry-After.
+    max_concurrent_uploads: int = Field(default=2, ge=1, le=64)
 
     @field_validator("tenants")
     @classmethod
@@ -118,9 +125,9 @@ class ServerConfig(_Strict):
     @model_validator(mode="after")
     def _keys_unique(self) -> ServerConfig:
         owners: dict[str, str] = {}
-        roles = [(k, "the admin") for k in self.admin_keys] + [
-            (k, f"tenant {name!r}") for name, t in self.tenants.items() for k in t.keys
-        ]
+        roles = [(k, "the admin") for k in self.admin_keys]
+        roles += [(k, "the metrics scraper") for k in self.metrics_keys]
+        roles += [(k, f"tenant {name!r}") for name, t in self.tenants.items() for k in t.keys]
         for key, role in roles:
             if key in owners and owners[key] != role:
                 raise ValueError(f"one key is given to both {owners[key]} and {role}")
@@ -163,7 +170,9 @@ def _env_keys(env: Mapping[str, str], data: dict) -> dict:
         entry["keys"] = [*entry.get("keys", []), _stored_form(key)]
     admin = list(data.get("admin_keys") or [])
     admin += [_stored_form(k) for k in env.get(ENV_ADMIN_KEY, "").split(",") if k.strip()]
-    return {**data, "tenants": tenants, "admin_keys": admin}
+    metrics = list(data.get("metrics_keys") or [])
+    metrics += [_stored_form(k) for k in env.get(ENV_METRICS_KEY, "").split(",") if k.strip()]
+    return {**data, "tenants": tenants, "admin_keys": admin, "metrics_keys": metrics}
 
 
 def load_config(path: str | os.PathLike | None, env: Mapping[str, str] | None = None):

@@ -34,6 +34,27 @@ class PayloadTooLarge(ConceptGuardError):
     http_status = 413
 
 
+class TooManyUploads(ConceptGuardError):
+    """Every upload slot is busy: uploads are spooled to disk and checked one by one, and a
+    few at a time bound the disk and CPU they take. Retry later."""
+
+    http_status = 429
+    retry_after_s = 5
+
+
+class TenantConfigured(ConceptGuardError):
+    """A tenant the server's config names cannot be deleted from the registry through it
+    (it would be served the base model); clear its stack, or remove it from the config."""
+
+    http_status = 409
+
+
+class InternalError(ConceptGuardError):
+    """An error nobody expected; the server logs it in full, the client sees only this."""
+
+    http_status = 500
+
+
 class UnsupportedPatchKind(PatchIncompatible):
     """A valid patch of a kind this server cannot serve yet (U-Net patches: issue 6)."""
 
@@ -70,6 +91,7 @@ REFUSAL_REASONS: dict[int, str] = {
     409: "conflict",
     413: "too_large",
     422: "incompatible",
+    429: "busy",
     503: "fail_closed",
     504: "timeout",
 }
@@ -87,3 +109,8 @@ def error_payload(error_type: str, message: str) -> dict[str, Any]:
 
 def payload_for(exc: ConceptGuardError) -> tuple[int, dict[str, Any]]:
     return exc.http_status, error_payload(type(exc).__name__, str(exc))
+
+
+def response_headers(exc: ConceptGuardError) -> dict[str, str]:
+    """Headers an error's answer carries (Retry-After where waiting helps)."""
+    return {} if exc.retry_after_s is None else {"Retry-After": str(exc.retry_after_s)}

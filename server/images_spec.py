@@ -13,6 +13,7 @@ answer into its HTTP response, so one tenant's failure never fails its batch nei
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import time
 import uuid
@@ -26,7 +27,7 @@ from litserve.utils import LitAPIStatus, ResponseBufferItem
 from patches.errors import ConceptGuardError
 from server.auth import KeyRing
 from server.config import ServerConfig
-from server.errors import error_payload, payload_for
+from server.errors import InternalError, error_payload, payload_for
 from server.request_body import read_json
 from server.schemas import WorkItem, parse_request
 
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
 
 GENERATIONS_PATH = "/v1/images/generations"
 MAX_REQUEST_BYTES = 1 << 20
+
+logger = logging.getLogger(__name__)
 
 
 class ImagesSpec(LitSpec):
@@ -79,13 +82,17 @@ class ImagesSpec(LitSpec):
         started = time.perf_counter()
         tenant = None
         try:
-            tenant = self.keys.tenant(request.headers.get("authorization")).tenant
+            tenant = self.keys.tenant(request.headers).tenant
             parsed = parse_request(await read_json(request, MAX_REQUEST_BYTES), self.config.limits)
             seed = parsed.seed if parsed.seed is not None else secrets.randbelow(2**32)
             item = WorkItem(uuid.uuid4().hex, tenant, parsed, seed, time.time())
             status, body = await self._submit(item)
         except ConceptGuardError as exc:
             status, body = payload_for(exc)
+        except Exception:
+            # Still a JSON answer, and still counted: never a plain-text 500.
+            logger.exception("generation request failed")
+            status, body = payload_for(InternalError("the server failed; see its log"))
         self.metrics.request_done(tenant, status, time.perf_counter() - started)
         return JSONResponse(body, status_code=status)
 

@@ -19,9 +19,15 @@ import sys
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from starlette.requests import Request
 
 from patches.errors import ConceptGuardError
 from server.errors import refusal_reason
+
+if TYPE_CHECKING:
+    from server.auth import Caller, KeyRing
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
@@ -193,12 +199,17 @@ class Metrics:
         self.generation.labels(worker=self.worker).set(generation)
 
 
-def register_metrics_route(app) -> None:
-    """`GET /metrics`, without a key (scrapers hold none): counts by tenant name and status,
-    never keys, prompts or images."""
-    from fastapi import Response
+def register_metrics_route(app, keys: KeyRing) -> None:
+    """`GET /metrics` for a metrics key or the admin key (`Authorization: Bearer KEY`, what
+    Prometheus sends with a scrape config's `authorization`): it shows every tenant's name
+    and traffic and the workers' process ids, which no tenant may read of another. Never
+    keys, prompts or images."""
+    from fastapi import Depends, Response
 
-    @app.get("/metrics")
+    def scraper(request: Request) -> Caller:
+        return keys.metrics(request.headers)
+
+    @app.get("/metrics", dependencies=[Depends(scraper)])
     def metrics() -> Response:
         body, content_type = render_latest()
         return Response(content=body, media_type=content_type)

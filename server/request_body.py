@@ -1,32 +1,81 @@
-"""Reading request bodies with a size bound, before anything parses them."""
+"""Reading request bodies: bounded in size and nesting, streamed, and only after the caller
+is authenticated (routes call these from their handlers, after their auth dependency: a
+body parameter would make FastAPI read and parse the body before any dependency runs)."""
 
 from __future__ import annotations
 
-import json
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, BinaryIO, TypeVar
 
-from starlette.requests import Request
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect, Request
 
+from patches.untrusted_json import TooDeeplyNested, loads_untrusted
 from server.errors import InvalidRequest, PayloadTooLarge
 
+# Every JSON body the server accepts is far smaller; uploads have their own bound.
+MAX_JSON_BODY_BYTES = 1 << 20
+MAX_JSON_DEPTH = 32
+# Spooled uploads are written in pieces this large, off the event loop.
+_SPOOL_WRITE_BYTES = 1 << 20
 
-async def read_body(request: Request, limit: int, what: str = "request body") -> bytes:
-    """The whole body, refused with 413 as soon as it is known to exceed `limit` bytes."""
+Model = TypeVar("Model", bound=BaseModel)
+
+
+async def body_chunks(request: Request, limit: int, what: str) -> AsyncIterator[bytes]:
+    """The body as it arrives, refused with 413 as soon as it is known to exceed `limit`
+    bytes: from Content-Length before a byte is read, else while counting."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the {what} is {declared} bytes; the limit is {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the {what} exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def read_json(request: Request, limit: int) -> Any:
-    body = await read_body(request, limit)
+    size = 0
     try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"the {what} exceeds the limit of {limit} bytes")
+            yield chunk
+    except ClientDisconnect:
+        raise InvalidRequest(f"the client disconnected before sending the whole {what}") from None
+
+
+async def read_body(request: Request, limit: int, what: str = "request body") -> bytes:
+    return b"".join([chunk async for chunk in body_chunks(request, limit, what)])
+
+
+async def spool_body(request: Request, limit: int, what: str, file: BinaryIO) -> int:
+    """Write the body into `file` (memory stays flat however large it is); its size."""
+    pending, size = bytearray(), 0
+    async for chunk in body_chunks(request, limit, what):
+        pending += chunk
+        size += len(chunk)
+        if len(pending) >= _SPOOL_WRITE_BYTES:
+            await run_in_threadpool(file.write, pending)
+            pending.clear()
+    await run_in_threadpool(file.write, pending)
+    return size
+
+
+async def read_json(request: Request, limit: int = MAX_JSON_BODY_BYTES) -> Any:
+    """The body as JSON; None for an empty body."""
+    body = await read_body(request, limit, "JSON body")
+    if not body.strip():
+        return None
+    try:
+        return loads_untrusted(body, MAX_JSON_DEPTH)
+    except TooDeeplyNested as exc:
+        raise InvalidRequest(f"body: {exc}") from None
+    except ValueError:  # json.JSONDecodeError and UnicodeDecodeError among them
         raise InvalidRequest("body: not valid JSON") from None
+
+
+def parse_body(model: type[Model], body: Any) -> Model:
+    """`body` validated as `model`, or InvalidRequest naming every field that is wrong."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        message = "; ".join(
+            f"{'.'.join(['body', *(str(p) for p in e['loc'])])}: {e['msg']}" for e in exc.errors()
+        )
+        raise InvalidRequest(message) from None

@@ -16,6 +16,11 @@ from server.errors import InvalidRequest
 
 MAX_SEED = 2**63 - 1
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+# Not text a model can encode: lone surrogates (JSON's "\ud800" escapes decode to them, and
+# they have no UTF-8 form, so the worker's tokenizer fails on them - and with it every row of
+# the batch) and control characters other than tab, newline and carriage return. Refused
+# here, in the API process, so such a request never reaches a worker.
+_NOT_TEXT = re.compile("[\ud800-\udfff\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 class ImageGenerationRequest(BaseModel):
@@ -61,8 +66,21 @@ def _validation_message(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def _text_problem(field: str, text: str | None) -> list[str]:
+    match = _NOT_TEXT.search(text or "")
+    if match is None:
+        return []
+    char = match.group()
+    what = "a lone surrogate" if "\ud800" <= char <= "\udfff" else "a control character"
+    return [
+        f"{field}: contains {what} ({char!a} at character {match.start()}), which is not "
+        "text a model can encode; send UTF-8 text without control characters"
+    ]
+
+
 def _bound_problems(request: ImageGenerationRequest, limits: Limits) -> list[str]:
-    problems = []
+    problems = _text_problem("prompt", request.prompt)
+    problems += _text_problem("negative_prompt", request.negative_prompt)
     if not 1 <= len(request.prompt) <= limits.max_prompt_chars:
         problems.append(
             f"prompt: must be 1 to {limits.max_prompt_chars} characters (got {len(request.prompt)})"

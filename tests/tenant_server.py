@@ -18,6 +18,7 @@ from server.config import hash_key
 
 TENANT_KEYS = {t: f"test-key-{t}" for t in "abcd"}
 ADMIN_KEY = "test-admin-key"
+METRICS_KEY = "test-metrics-key"
 GENERATE = "/v1/images/generations"
 
 
@@ -26,6 +27,7 @@ def write_config(path: Path, **extra: Any) -> Path:
     config = {
         "tenants": {t: {"keys": [hash_key(k)]} for t, k in TENANT_KEYS.items()},
         "admin_keys": [hash_key(ADMIN_KEY)],
+        "metrics_keys": [hash_key(METRICS_KEY)],
         **extra,
     }
     path.write_text(json.dumps(config, indent=2))
@@ -63,6 +65,12 @@ class TenantServer:
         response = self.generate(tenant, prompt, seed)
         assert response.status_code == 200, response.text
         return images_of(response)[0], response.json()["conceptguard"]
+
+    def metrics_text(self) -> str:
+        """GET /metrics as a scraper does (with the metrics key)."""
+        response = requests.get(self.url + "/metrics", headers=bearer(METRICS_KEY), timeout=30)
+        assert response.status_code == 200, response.text
+        return response.text
 
     def admin(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         return requests.request(

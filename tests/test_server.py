@@ -16,7 +16,14 @@ import requests
 from conftest import run_conceptguard, text_encoder_patch, unet_weights_patch
 from prometheus_client.parser import text_string_to_metric_families
 from server_process import free_port
-from tenant_server import ADMIN_KEY, GENERATE, TENANT_KEYS, bearer, start_tenant_server
+from tenant_server import (
+    ADMIN_KEY,
+    GENERATE,
+    METRICS_KEY,
+    TENANT_KEYS,
+    bearer,
+    start_tenant_server,
+)
 
 from patches.loading import load_pipeline
 
@@ -143,7 +150,12 @@ def test_official_openai_client_with_a_tenant_key(server):
         ("DELETE", "/v1/patches/circle", TENANT_KEYS["a"], 403),
         ("POST", "/v1/patches", TENANT_KEYS["a"], 403),
         ("GET", "/health", None, 200),
-        ("GET", "/metrics", None, 200),
+        ("GET", "/metrics", None, 401),
+        ("GET", "/metrics", TENANT_KEYS["a"], 403),
+        ("GET", "/metrics", METRICS_KEY, 200),
+        ("GET", "/metrics", ADMIN_KEY, 200),
+        ("POST", GENERATE, METRICS_KEY, 403),
+        ("GET", "/v1/patches", METRICS_KEY, 403),
     ],
 )
 def test_keys_and_roles(server, method, path, key, status):
@@ -217,7 +229,7 @@ def test_admin_refusals(server, base_pipe, other_sd):
 
 
 def _samples(server) -> Counter:
-    text = requests.get(server.url + "/metrics", timeout=30).text
+    text = server.metrics_text()
     values: Counter = Counter()
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -301,6 +313,7 @@ def test_a_real_prometheus_scrapes_the_counters(server, tmp_path):
         "global: {scrape_interval: 1s}\n"
         "scrape_configs:\n"
         "  - job_name: conceptguard\n"
+        f"    authorization: {{credentials: {METRICS_KEY}}}\n"
         f"    static_configs: [{{targets: ['127.0.0.1:{server.process.port}']}}]\n"
     )
     process = subprocess.Popen(
