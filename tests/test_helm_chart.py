@@ -118,7 +118,18 @@ def test_gpu_and_keda_values():
     assert float(trigger["metadata"]["threshold"]) > 0
 
     monitor = docs["ServiceMonitor"]["spec"]
-    assert monitor["endpoints"][0] == {"port": "http", "path": "/metrics", "interval": "15s"}
+    assert monitor["endpoints"][0] == {
+        "port": "http",
+        "path": "/metrics",
+        "interval": "15s",
+        # /metrics needs a key: Prometheus sends the scraper's from a Secret.
+        "authorization": {
+            "type": "Bearer",
+            "credentials": {"name": "conceptguard-scraper", "key": "token"},
+        },
+    }
+    secret = docs["Secret"]["stringData"]
+    assert secret["CONCEPTGUARD_METRICS_KEY"].startswith("sha256:")
     service_labels = docs["Service"]["metadata"]["labels"]
     assert monitor["selector"]["matchLabels"].items() <= service_labels.items()
 
