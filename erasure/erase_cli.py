@@ -6,6 +6,7 @@ import argparse
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from erasure.dumo import cli as dumo_cli
     from erasure.esd import cli as esd_cli
     from erasure.hirm import cli as hirm_cli
 
@@ -13,3 +14,4 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     commands = parser.add_subparsers(dest="erase_command", metavar="METHOD", required=True)
     hirm_cli.add_parser(commands)
     esd_cli.add_parser(commands)
+    dumo_cli.add_parser(commands)
