@@ -63,6 +63,9 @@ class BlobStore:
             return sum(1 for e in os.scandir(self.directory) if e.name.endswith(".safetensors"))
         except FileNotFoundError:
             return 0
+        except OSError as exc:
+            # Unknown is not zero: a registry whose files cannot be listed may well exist.
+            raise RegistryUnreadable(f"blobs/ cannot be read: {exc.strerror}") from None
 
     def store(self, file: BinaryIO, checked: CheckedFile) -> None:
         """Copy the checked `file` into its blob, refusing it if it changed since the check."""
