@@ -44,7 +44,7 @@ from server.errors import (
     response_headers,
 )
 from server.request_body import body_chunks, parse_body, read_json, spool_body
-from server.runtime import check_servable_kind
+from server.runtime import check_servable, check_servable_kind
 
 logger = logging.getLogger(__name__)
 
@@ -152,8 +152,7 @@ def register_admin_routes(
         return keys.admin(request.headers)
 
     def check_upload(patch: Patch) -> None:
-        check_servable_kind(patch.manifest.kind, "the uploaded patch")
-        patch.verify(model)
+        check_servable(patch, model, "the uploaded patch")
 
     def servable_ids(tenant: str, refs: list[str]) -> list[str]:
         # Resolved once, so the kinds checked are those of the very patches assigned.

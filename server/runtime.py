@@ -62,12 +62,34 @@ RETRY_MAX_S = 60.0
 
 
 def check_servable_kind(kind: str, label: str) -> None:
-    """Refuse patch kinds this server cannot serve yet (422), naming the patch."""
+    """Refuse patch kinds this server cannot serve (422), naming the patch."""
     if kind not in SERVABLE_KINDS:
         raise UnsupportedPatchKind(
             f"{label} is a {kind} patch; this server serves {', '.join(SERVABLE_KINDS)} "
             "patches only"
         )
+
+
+def check_servable(patch: Patch, model: Any, label: str) -> None:
+    """`patch` fits `model` (a pipeline or its ModelSignature) and this server can serve
+    it (422 otherwise): dense denoiser edits must be weights of Linear/Conv2d layers, the
+    only ones the per-row denoiser adapts. (A dense edit's rank is known only against the
+    base weights: a worker checks it when it builds the stack.)"""
+    kind = patch.manifest.kind
+    check_servable_kind(kind, label)
+    patch.verify(model)
+    if kind != "unet_weights":
+        return
+    from patches.signature import signature_of
+
+    layers = signature_of(model, patch.manifest.target.component).layers
+    for name in patch.tensors:
+        path, _, leaf = name.rpartition(".")
+        if leaf != "weight" or path not in layers:
+            raise UnsupportedPatchKind(
+                f"{label} edits '{name}' densely; this server serves dense denoiser edits of "
+                "Linear and Conv2d weights only (as exact low-rank adapters, per row)"
+            )
 
 
 class StackBuilding(StackNotReady):
@@ -285,8 +307,7 @@ class PatchRuntime:
         denoiser: list[Patch] = []
         for pid in stack:
             patch = self.registry.load_patch(pid)
-            check_servable_kind(patch.manifest.kind, f"patch {pid[:12]}")
-            patch.verify(self.signature)
+            check_servable(patch, self.signature, f"patch {pid[:12]}")
             (denoiser if patch.manifest.kind in DENOISER_KINDS else text).append(patch)
         composed = compose_weight_stack(self.pipe, text, self.base) if text else {}
         prepared = self.denoiser.build(denoiser, self.base.get(self._denoiser_name))

@@ -26,6 +26,7 @@ from tenant_server import (
 )
 
 from patches.loading import load_pipeline
+from patches.patch import Patch
 
 MAX_PATCH_BYTES = 200_000
 
@@ -203,8 +204,19 @@ def test_admin_refusals(server, base_pipe, other_sd):
     assert error_type(upload(b"x" * (MAX_PATCH_BYTES + 1))) == (413, "PayloadTooLarge")
     wrong_base = upload(text_encoder_patch(other_sd).to_bytes())
     assert error_type(wrong_base) == (422, "BaseFingerprintMismatch")
-    dense_unet = upload(unet_weights_patch(base_pipe).to_bytes())
-    assert error_type(dense_unet) == (422, "UnsupportedPatchKind")
+    # Dense edits of layer weights are served per row (exact low-rank factors); a bias edit
+    # cannot be, so it is refused at upload.
+    assert upload(unet_weights_patch(base_pipe).to_bytes()).status_code == 201
+    bias = dict(base_pipe.unet.named_parameters())["conv_in.bias"].detach() + 0.1
+    dense_bias = Patch.create(
+        pipe=base_pipe,
+        kind="unet_weights",
+        component="unet",
+        method="test",
+        concepts=["bias"],
+        tensors={"conv_in.bias": bias},
+    )
+    assert error_type(upload(dense_bias.to_bytes())) == (422, "UnsupportedPatchKind")
 
     form = {"file": ("p.safetensors", text_encoder_patch(base_pipe, seed=13).to_bytes())}
     multipart = server.admin("POST", "/v1/patches", files=form, data={"name": "multi"})
