@@ -1,0 +1,111 @@
+"""DuMo training: a unet_module patch whose eraser changes the concept's prompts, leaves
+prompts its gate closes for exactly as they were, resumes where it stopped, and has a CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_conceptguard
+
+from erasure.dumo import DumoConfig, erase_dumo
+from erasure.prompts import ConceptSpec
+from patches.errors import WrongTarget
+from patches.patch import Patch
+
+RETAIN = tuple(f"a {c} {o} on a table" for c in ("red", "blue", "green") for o in ("box", "cup"))
+
+
+def _config(**changes) -> DumoConfig:
+    settings = dict(
+        concepts=[ConceptSpec("cat", ("kitten",), "animal")],
+        templates=("a {concept}", "a photo of a {concept}", "a {concept} on a sofa"),
+        retain_prompts=RETAIN,
+        check_prompts=("a yellow ball", "a green tree"),
+        width=0.5,
+        buckets=4,
+        steps=3,
+        tlmo_steps=2,
+        batch=2,
+        sample_steps=3,
+        resolution=32,  # 16x16 latents: the cost of a step is the tiny U-Net's attention
+        progress=False,
+    )
+    return DumoConfig(**{**settings, **changes})
+
+
+def _image(pipe, prompt: str, patch: Patch | None = None) -> np.ndarray:
+    if patch is not None:
+        patch.apply(pipe)
+    try:
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(
+            prompt,
+            num_inference_steps=3,
+            guidance_scale=4.0,
+            generator=torch.Generator().manual_seed(1),
+            output_type="np",
+        ).images[0]
+    finally:
+        if patch is not None:
+            patch.remove(pipe)
+
+
+@pytest.fixture(scope="module")
+def result(tiny_sd):
+    return erase_dumo(tiny_sd, _config(steps=4, lr=1e-2))
+
+
+def test_a_dumo_patch_erases_where_its_gate_opens_only(tiny_sd, result):
+    patch = Patch.from_bytes(result.patch.to_bytes())
+    assert patch.manifest.kind == "unet_module" and patch.manifest.method == "dumo"
+    assert patch.manifest.params["module_type"] == "dumo_epr"
+    patch.verify(tiny_sd)
+    gate = result.report["gate"]
+    assert gate["gate"] == "on" and gate["high"] > gate["low"]
+    assert result.report["eraser"]["steps"] == 4 and len(result.report["tlmo"]["table"]) == 4
+    concept = "a photo of a cat"
+    assert np.abs(_image(tiny_sd, concept, patch) - _image(tiny_sd, concept)).max() > 1e-3
+    # A prompt below the gate's range: the eraser adds exact zeros, the image is the base's.
+    other = "a blue box on a table"
+    assert np.array_equal(_image(tiny_sd, other, patch), _image(tiny_sd, other))
+    assert result.report["check_eps_drift"] < result.report["concept_eps_shift"]
+
+
+def test_training_resumes_where_it_stopped(tiny_sd, tmp_path):
+    straight = erase_dumo(tiny_sd, _config(steps=4, tlmo_steps=2)).patch.tensors
+    checkpoint = tmp_path / "run"
+    erase_dumo(tiny_sd, _config(steps=2, tlmo_steps=0, checkpoint=checkpoint, checkpoint_every=2))
+    assert json.loads(checkpoint.with_suffix(".json").read_text())["step"] == 2
+    resumed = erase_dumo(
+        tiny_sd, _config(steps=4, tlmo_steps=2, checkpoint=checkpoint, checkpoint_every=2)
+    ).patch.tensors
+    for name, tensor in straight.items():
+        assert torch.equal(tensor, resumed[name]), name
+
+
+def test_flux_and_missing_anchors_are_refused(tiny_flux, tiny_sd):
+    with pytest.raises(WrongTarget, match="skip connections"):
+        erase_dumo(tiny_flux, _config())
+    with pytest.raises(Exception, match="anchor"):
+        erase_dumo(tiny_sd, _config(concepts=[ConceptSpec("cat")]))
+
+
+def test_cli_writes_the_patch_and_its_report(sd_model_path, tmp_path):
+    out, report = tmp_path / "cat.safetensors", tmp_path / "cat.json"
+    done = run_conceptguard(
+        "erase", "dumo", "--model", str(sd_model_path), "--concept", "cat", "--anchor", "animal",
+        "--width", "0.5", "--steps", "2", "--tlmo-steps", "1", "--batch", "2",
+        "--sample-steps", "3", "--buckets", "4", "--resolution", "32",
+        "-o", str(out), "--json", str(report),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "DuMo for cat" in done.stdout and "prompt gate" in done.stdout
+    assert Patch.load(out).manifest.params["module_config"]["width"] == 0.5
+    assert json.loads(report.read_text())["method"] == "dumo"
+    refused = run_conceptguard(
+        "erase", "dumo", "--model", str(sd_model_path), "--concept", "cat", "-o", str(out)
+    )
+    assert refused.returncode == 2 and "anchor" in refused.stderr + refused.stdout
