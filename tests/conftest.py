@@ -7,6 +7,10 @@ import subprocess
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One thread, here and in every CLI subprocess: on two shared cores, torch's default of one
+# thread per core spin-waits against the other processes (server workers, a busy CI host)
+# and runs training-shaped tests 10x slower or worse; tiny models gain nothing from two.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
@@ -14,6 +18,8 @@ import torch
 from bench.tiny_pipelines import save_tiny_pipeline, tiny_pipeline
 from patches.patch import Patch
 from patches.targets import block_parameter_names
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
