@@ -32,6 +32,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAc
     return commands
 
 
+def ranks(patch: Patch) -> dict[str, int]:
+    """The rank of each low-rank edit, by layer: a LoRA pair's (lora_A's rows), a dense
+    delta's (numerically, as the server factors it); none for overrides and modules."""
+    kind, mode = patch.manifest.kind, patch.manifest.mode
+    if kind == "unet_lora":
+        return {
+            name.removesuffix(".lora_A.weight"): int(t.shape[0])
+            for name, t in sorted(patch.tensors.items())
+            if name.endswith(".lora_A.weight")
+        }
+    if mode != "delta":
+        return {}
+    from patches.lowrank import factor_exactly
+
+    return {
+        name.removesuffix(".weight"): factor_exactly(t).rank
+        for name, t in sorted(patch.tensors.items())
+        if t.dim() in (2, 4)
+    }
+
+
 def describe(patch: Patch) -> dict[str, Any]:
     """A JSON-ready summary of a validated patch."""
     return {
@@ -43,6 +64,7 @@ def describe(patch: Patch) -> dict[str, Any]:
             {"name": n, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
             for n, t in sorted(patch.tensors.items())
         ],
+        "ranks": ranks(patch),
     }
 
 
@@ -64,10 +86,19 @@ def _print_summary(info: dict[str, Any]) -> None:
         print(f"{key:<{width}}  {value}")
     if m.get("params"):
         print(f"{'params':<{width}}  {json.dumps(m['params'], sort_keys=True)}")
+    if info["ranks"]:
+        values = list(info["ranks"].values())
+        print(
+            f"{'rank':<{width}}  {min(values)}-{max(values)} per layer over "
+            f"{len(values)} layers (sum {sum(values)})"
+        )
     print()
     name_width = max(len(t["name"]) for t in info["tensors"])
     for t in info["tensors"]:
-        print(f"  {t['name']:<{name_width}}  {t['dtype']:<9} {t['shape']}")
+        layer = t["name"].removesuffix(".lora_A.weight").removesuffix(".weight")
+        rank = info["ranks"].get(layer) if not t["name"].endswith(".lora_B.weight") else None
+        shown = f"  rank {rank}" if rank is not None else ""
+        print(f"  {t['name']:<{name_width}}  {t['dtype']:<9} {t['shape']}{shown}")
 
 
 def inspect_command(args: argparse.Namespace) -> int:
