@@ -1,12 +1,14 @@
 """Assembling the LitServe server: the generation API (workers), the admin routes, /metrics.
 
-`build_server` creates the registry if its location holds none (a brand-new deployment) and
-refuses to start on one that exists but cannot be read (its state.json missing, say).
+`build_server` creates the registry if its location holds none and `create_registry` allows
+it (a brand-new deployment), and refuses to start on one that exists but cannot be read (its
+state.json missing, say) or, without `create_registry`, on a location that holds none.
 """
 
 from __future__ import annotations
 
-import litserve as ls
+from pathlib import Path
+from typing import Any
 
 from patches.registry import open_registry
 from patches.signature import ModelSignature
@@ -14,7 +16,9 @@ from server.admin_routes import install_error_handlers, register_admin_routes
 from server.auth import KeyRing
 from server.config import ServerConfig
 from server.generation_api import GenerationAPI, ModelSettings
+from server.http_protocol import protocol_with_header_deadline
 from server.metrics import register_metrics_route
+from server.supervisor import SupervisedServer
 
 
 def build_server(
@@ -23,23 +27,39 @@ def build_server(
     registry_path: str,
     signature: ModelSignature,
     workers: int,
-) -> ls.LitServer:
+    native: int,
+    run_dir: Path | None = None,
+    create_registry: bool = True,
+) -> SupervisedServer:
     """The server for `settings`' model; `signature` is that model's ModelSignature, all the
-    API process needs to verify uploads (the workers load the model themselves)."""
-    api = GenerationAPI(settings, config, registry_path)
-    server = ls.LitServer(
+    API process needs to verify uploads (the workers load the model themselves), and
+    `native` its native image side (the default size and the unit of a request's work).
+    `run_dir` is this run's directory for worker health (server/worker_health.py)."""
+    api = GenerationAPI(settings, config, registry_path, native=native, workers=workers)
+    server = SupervisedServer(
         api,
         accelerator=settings.device,
         devices=1,
         workers_per_device=workers,
         timeout=config.batching.queue_timeout_s,
+        run_dir=run_dir,
+        shutdown_grace_s=config.supervision.shutdown_grace_s,
     )
     install_error_handlers(server.app)
+    server.app.state.body_timeout_s = config.http.body_timeout_s
     keys = KeyRing(config)
-    registry = open_registry(registry_path)
+    registry = open_registry(registry_path, create=create_registry)
     # A registry whose state is missing or unreadable stops the start here, with its reason,
     # instead of a server that answers 503 to everyone.
     registry.snapshot()
     register_admin_routes(server.app, registry, keys, signature, config)
     register_metrics_route(server.app, keys)
     return server
+
+
+def uvicorn_options(config: ServerConfig) -> dict[str, Any]:
+    """What `LitServer.run` passes on to uvicorn: slow clients cannot hold connections."""
+    return {
+        "http": protocol_with_header_deadline(config.http.header_timeout_s),
+        "timeout_keep_alive": config.http.keep_alive_s,
+    }

@@ -7,7 +7,12 @@ it from the queue. This loop:
 - waits (up to a second at a time) for the first request, then collects more for at most
   `batch_timeout`;
 - answers a request that waited longer than the queue timeout with 504, without computing
-  it - when it is taken from the queue, and again while it waits for its stack;
+  it - when it is taken from the queue, and again while it waits for its stack (the API
+  process has answered it by then; this answer finds nobody and is dropped);
+- drops, without an answer, requests nobody waits for any more (the API process marked them
+  cancelled: their client left, or it answered them itself);
+- gives a sign of life at every pass (at least once a second while idle), which the API
+  process's worker watch and /health read (server/worker_health.py);
 - holds back the rows of tenants whose new patch stack is still being built (the LitAPI
   answers them with None): they join a later batch once it is ready, while every other
   tenant's rows are served at once - one tenant's stack change never delays another;
@@ -29,7 +34,7 @@ from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
 from litserve.loops.simple_loops import BatchedLoop
 from litserve.utils import LitAPIStatus, LoopResponseType
 
-from server.errors import error_payload
+from server.errors import QueueTimeout, payload_for
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +56,15 @@ class TenantWorker(Protocol):
     def idle(self) -> None:
         """Housekeeping between requests."""
 
+    def heartbeat(self) -> None:
+        """A sign of life; also catches up with the requests marked cancelled."""
+
+    def abandoned(self, item: Any) -> bool:
+        """Whether nobody waits for `item` any more."""
+
+    def forget(self, item: Any, dropped: str | None = None) -> None:
+        """The loop is done with `item` (answered, or `dropped` for that reason)."""
+
 
 @dataclass
 class _Request:
@@ -61,14 +75,13 @@ class _Request:
 
 
 def _timed_out(limit: float) -> dict[str, Any]:
-    return {
-        "status": 504,
-        "body": error_payload(
-            "QueueTimeout",
+    status, body = payload_for(
+        QueueTimeout(
             f"the request waited more than {limit:g} s for a worker and was not computed; "
-            "retry later",
-        ),
-    }
+            "retry later"
+        )
+    )
+    return {"status": status, "body": body}
 
 
 class BlockingBatchedLoop(BatchedLoop):
@@ -140,11 +153,15 @@ class BlockingBatchedLoop(BatchedLoop):
             except KeyboardInterrupt:  # pragma: no cover
                 self.kill()
                 return
+            lit_api.heartbeat()  # also catches up with cancellations, for what it just took
             # Rows held back for their stack go first: they arrived earlier.
             batch = []
             for request in waiting[: lit_api.max_batch_size] + fresh:
-                if self._expired(lit_api, request):
+                if lit_api.abandoned(request.item):
+                    lit_api.forget(request.item, dropped="cancelled")
+                elif self._expired(lit_api, request):
                     self._answer(transport, request, _timed_out(lit_api.request_timeout))
+                    lit_api.forget(request.item, dropped="expired")
                 else:
                     batch.append(request)
             waiting = waiting[lit_api.max_batch_size :]
@@ -160,9 +177,11 @@ class BlockingBatchedLoop(BatchedLoop):
                 logger.exception("the worker failed on a batch of %d", len(batch))
                 for request in batch:
                     self.put_error_response(transport, request.response_queue_id, request.uid, exc)
+                    lit_api.forget(request.item)
                 continue
             for request, answer in zip(batch, answers, strict=True):
                 if answer is None:
                     waiting.append(request)
                 else:
                     self._answer(transport, request, answer)
+                    lit_api.forget(request.item)

@@ -11,8 +11,11 @@ may give plain keys, which are hashed as they are read and never kept.
     admin_keys: ["sha256:fd61a0..."]
     metrics_keys: ["sha256:2c26b4..."]   # for Prometheus scrapers: GET /metrics only
     registry: /var/lib/conceptguard/registry
-    limits: {max_prompt_chars: 1000, max_images: 4, max_steps: 100, max_side: 1024}
-    batching: {max_batch_size: 8, batch_timeout_s: 0.02}
+    limits: {max_prompt_chars: 1000, max_images: 4, max_steps: 100, max_image_steps: 400}
+    batching: {max_batch_size: 8, batch_timeout_s: 0.02, queue_timeout_s: 300}
+    admission: {tenant_share: 0.5}
+    http: {header_timeout_s: 10, body_timeout_s: 30}
+    supervision: {stuck_after_s: 60, shutdown_grace_s: 5}
 
 Environment: CONCEPTGUARD_API_KEYS="acme=KEY1,globex=KEY2" (plain keys or sha256: hashes),
 CONCEPTGUARD_ADMIN_KEY="KEY" and CONCEPTGUARD_METRICS_KEY="KEY" (comma-separated for
@@ -76,31 +79,97 @@ class TenantConfig(_Strict):
 
 
 class Limits(_Strict):
-    """Bounds on one generation request; each violation is a 400 that names the bound."""
+    """Bounds on one generation request; each violation is a 400 that names the bound.
+
+    Work is bounded relative to the served model: `max_side` defaults to twice the model's
+    native side, and `max_image_steps` bounds n x steps x (width x height) / native side^2,
+    the request's work counted in denoising steps of one image at the native size.
+    """
 
     max_prompt_chars: int = Field(default=1000, ge=1, le=100_000)
     max_images: int = Field(default=4, ge=1, le=64)
     max_steps: int = Field(default=100, ge=1, le=1000)
     min_side: int = Field(default=32, ge=8)
-    max_side: int = Field(default=1024, le=4096)
+    # None: twice the served model's native side (a 512-pixel model: 1024).
+    max_side: int | None = Field(default=None, ge=8, le=4096)
+    max_image_steps: int = Field(default=400, ge=1)
     default_steps: int = Field(default=25, ge=1)
     default_guidance_scale: float = Field(default=4.0, ge=0.0)
 
     @model_validator(mode="after")
     def _consistent(self) -> Limits:
-        if self.min_side % 8 or self.max_side % 8 or self.min_side > self.max_side:
-            raise ValueError("min_side and max_side must be multiples of 8, min <= max")
+        if self.min_side % 8 or (self.max_side or 8) % 8:
+            raise ValueError("min_side and max_side must be multiples of 8")
+        if self.max_side is not None and self.min_side > self.max_side:
+            raise ValueError("min_side must not exceed max_side")
         if self.default_steps > self.max_steps:
             raise ValueError("default_steps must not exceed max_steps")
         return self
+
+    def max_side_for(self, native: int) -> int:
+        """The largest side a request may ask of a model whose native side is `native`."""
+        if self.max_side is not None:
+            return self.max_side
+        return max(self.min_side, min(4096, 2 * native // 8 * 8))
 
 
 class Batching(_Strict):
     max_batch_size: int = Field(default=8, ge=1, le=256)
     # How long a worker waits for more requests to fill a batch.
     batch_timeout_s: float = Field(default=0.02, ge=0.0, le=5.0)
-    # Queue-wait limit: a request not picked up by a worker within it gets 504.
+    # Queue-wait limit: a request no worker has started within it gets 504 at that moment
+    # (and is never computed).
     queue_timeout_s: float = Field(default=300.0, gt=0.0)
+
+
+class Admission(_Strict):
+    """How many generation requests the server holds, and how they reach the workers.
+
+    A request holds a place from the moment its key is checked (before its body is read)
+    until it is answered. Beyond `max_in_flight`, or beyond a tenant's share of it, the
+    answer is 429 with Retry-After. Requests go to the workers' queue at most
+    `dispatch_window` at a time; the others wait in per-tenant queues, taken round robin, so
+    a tenant with many queued requests delays another tenant's request by at most one turn.
+    """
+
+    # None: 4 x workers x max_batch_size.
+    max_in_flight: int | None = Field(default=None, ge=1)
+    # The most one tenant may hold: max(1, tenant_share x max_in_flight).
+    tenant_share: float = Field(default=0.5, gt=0.0, le=1.0)
+    # None: 2 x workers x max_batch_size (enough to keep every worker's batches full).
+    dispatch_window: int | None = Field(default=None, ge=1)
+
+    def in_flight_for(self, workers: int, batch: int) -> int:
+        return self.max_in_flight or 4 * workers * batch
+
+    def tenant_cap_for(self, workers: int, batch: int) -> int:
+        return max(1, int(self.tenant_share * self.in_flight_for(workers, batch)))
+
+    def window_for(self, workers: int, batch: int) -> int:
+        return self.dispatch_window or 2 * workers * batch
+
+
+class HttpTimeouts(_Strict):
+    """Slow or stalled clients: connections are not held open by them."""
+
+    # From a connection's first byte (or its opening) to a request's complete headers.
+    header_timeout_s: float = Field(default=10.0, gt=0.0, le=600.0)
+    # The longest pause within a request body; a JSON body must also be whole within it.
+    body_timeout_s: float = Field(default=30.0, gt=0.0, le=3600.0)
+    # An idle keep-alive connection is closed after this long.
+    keep_alive_s: int = Field(default=5, ge=1, le=600)
+
+
+class Supervision(_Strict):
+    """Watching the inference workers (server/worker_health.py)."""
+
+    # A worker that has shown no sign of life (it beats between batches, at least every
+    # second while idle, and at every denoising step) for this long is stuck: its requests
+    # get 503 WorkerLost, and /health is 503 while every worker is stuck or gone.
+    stuck_after_s: float = Field(default=60.0, gt=0.0)
+    # On SIGTERM: how long open HTTP exchanges (an upload being received) may take to end.
+    # Generation requests still waiting are answered 503 ShuttingDown at once.
+    shutdown_grace_s: int = Field(default=5, ge=0, le=600)
 
 
 class ServerConfig(_Strict):
@@ -111,6 +180,9 @@ class ServerConfig(_Strict):
     registry: str | None = None
     limits: Limits = Field(default_factory=Limits)
     batching: Batching = Field(default_factory=Batching)
+    admission: Admission = Field(default_factory=Admission)
+    http: HttpTimeouts = Field(default_factory=HttpTimeouts)
+    supervision: Supervision = Field(default_factory=Supervision)
     max_patch_bytes: int = Field(default=1 << 30, ge=1024)
     # Uploads spooled and checked at once, per API process; more get 429 with Retry-After.
     max_concurrent_uploads: int = Field(default=2, ge=1, le=64)

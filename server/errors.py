@@ -42,6 +42,62 @@ class TooManyUploads(ConceptGuardError):
     retry_after_s = 5
 
 
+class RequestTimeout(ConceptGuardError):
+    """A request's headers or body did not arrive in time (a stalled or very slow client)."""
+
+    http_status = 408
+
+
+class QueueFull(ConceptGuardError):
+    """The server holds as many generation requests as it may (admission control): the
+    request was not accepted, nothing was queued. Retry later."""
+
+    http_status = 429
+    retry_after_s = 2
+
+
+class TenantQueueFull(QueueFull):
+    """This tenant holds its whole share of the server's queue; other tenants keep theirs."""
+
+
+class QueueTimeout(ConceptGuardError):
+    """No worker started the request within the queue timeout; it is never computed."""
+
+    http_status = 504
+    retry_after_s = 5
+
+
+class WorkerLost(ConceptGuardError):
+    """The worker computing the request died or stopped making progress; the request was
+    not answered by it and will not be. Retry: another (or a replacement) worker serves it."""
+
+    http_status = 503
+    retry_after_s = 5
+    refusal = "worker_lost"
+
+
+class ShuttingDown(ConceptGuardError):
+    """The server is stopping; the request was not (or not completely) served."""
+
+    http_status = 503
+    retry_after_s = 5
+    refusal = "shutting_down"
+
+
+class ClientDisconnected(ConceptGuardError):
+    """The client closed the connection before its answer (nginx's 499): its work is
+    dropped or stopped, and nobody is answered."""
+
+    http_status = 499
+
+
+class RequestCancelled(ConceptGuardError):
+    """Nobody waits for this request any more (the API process answered it, or its client
+    left): the worker did not compute it, or stopped. Nobody receives this answer."""
+
+    http_status = 499
+
+
 class TenantConfigured(ConceptGuardError):
     """A tenant the server's config names cannot be deleted from the registry through it
     (it would be served the base model); clear its stack, or remove it from the config."""
@@ -91,13 +147,20 @@ REFUSAL_REASONS: dict[int, str] = {
     409: "conflict",
     413: "too_large",
     422: "incompatible",
+    408: "timeout",
     429: "busy",
+    499: "client_closed",
     503: "fail_closed",
     504: "timeout",
 }
 
 
-def refusal_reason(status: int) -> str:
+def refusal_reason(status: int, error: ConceptGuardError | None = None) -> str:
+    """The refusals metric's label: the error's own `refusal` where it has one (a 503 that
+    is not fail-closed), else by status."""
+    own = getattr(error, "refusal", None)
+    if own is not None:
+        return own
     return REFUSAL_REASONS.get(status, "server_error" if status >= 500 else "other")
 
 

@@ -9,13 +9,18 @@ its request (image j of a request with seed s uses s + j), so an image does not 
 it was batched with beyond floating-point rounding (see docs/API.md).
 
 Nothing here raises for a row's sake: a group whose pipeline call fails fails its rows only.
+
+`keep_going`, when given, is asked before each group's denoiser call and after every
+denoising step whether anybody still waits for the group's rows; when nobody does, the call
+is skipped or stopped (diffusers' interrupt flag) and those rows answer RequestCancelled. It
+never changes what the rows that are computed get.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +31,7 @@ from patches.targets import pipeline_family
 from server.config import Limits
 from server.denoiser_routing import DenoiserRouter
 from server.denoiser_stacks import DenoiserStack
-from server.errors import GenerationFailed, InvalidRequest
+from server.errors import GenerationFailed, InvalidRequest, RequestCancelled
 from server.schemas import WorkItem
 from server.text_encoding import PromptEncoder, TextPlan
 
@@ -49,6 +54,27 @@ class BatchResult:
     outputs: list[list[Any] | ConceptGuardError]
     timings: dict[str, float] = field(default_factory=dict)
     denoiser_calls: int = 0  # denoiser forwards over all groups: one per step per group
+    stopped: int = 0  # rows whose group was skipped or stopped: nobody waited for them
+
+
+# Asked with a group's work items: whether anybody still waits for any of them.
+KeepGoing = Callable[[Sequence[WorkItem]], bool]
+
+
+class _StopWhenAbandoned:
+    """diffusers' per-step callback: stops the denoising loop (its interrupt flag) once
+    nobody waits for any row of the call."""
+
+    def __init__(self, keep_going: KeepGoing, items: Sequence[WorkItem]):
+        self.keep_going = keep_going
+        self.items = items
+        self.stopped = False
+
+    def __call__(self, pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
+        if not self.keep_going(self.items):
+            pipe._interrupt = True
+            self.stopped = True
+        return {}
 
 
 def _denoise_key(row: Row, limits: Limits, native: int) -> tuple:
@@ -142,12 +168,19 @@ def _encode_isolating(
         return None, []
 
 
+def _cancel_rows(result: BatchResult, rows: Sequence[int]) -> None:
+    for i in rows:
+        result.outputs[i] = RequestCancelled("nobody waits for this request any more")
+    result.stopped += len(rows)
+
+
 def generate_batch(
     pipe: Any,
     encoder: PromptEncoder,
     rows: Sequence[Row],
     limits: Limits,
     router: DenoiserRouter,
+    keep_going: KeepGoing | None = None,
 ) -> BatchResult:
     """Images for every row (a list per row, in request order) or the row's error."""
     result = BatchResult(outputs=[GenerationFailed("not generated")] * len(rows))
@@ -182,6 +215,13 @@ def generate_batch(
                 }
             kwargs.update({f"negative_{k}": v for k, v in negatives.items()})
         stacks = [rows[i].denoiser for i, n in zip(members, counts, strict=True) for _ in range(n)]
+        watch = None
+        if keep_going is not None:
+            watch = _StopWhenAbandoned(keep_going, [rows[i].item for i in members])
+            if not keep_going(watch.items):
+                _cancel_rows(result, [live[i] for i in members])
+                continue
+            kwargs["callback_on_step_end"] = watch
         try:
             started = time.perf_counter()
             with router.routing(stacks) as passed:
@@ -196,6 +236,9 @@ def generate_batch(
                 ).images
             result.timings["denoise"] += time.perf_counter() - started
             result.denoiser_calls += passed.calls
+            if watch is not None and watch.stopped:
+                _cancel_rows(result, [live[i] for i in members])
+                continue
             started = time.perf_counter()
             images = decode_latents(pipe, latents, width, height)
             result.timings["decode"] += time.perf_counter() - started

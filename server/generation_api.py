@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,8 +28,9 @@ from server.config import ServerConfig
 from server.errors import payload_for
 from server.generation import Row, generate_batch
 from server.images_spec import ImagesSpec
-from server.runtime import StackBuilding
+from server.runtime import RuntimeSnapshot, StackBuilding
 from server.schemas import GenerationRecord, ImageData, ImageGenerationResponse, WorkItem
+from server.worker_health import CancelBoard, WorkerBeacon, run_dir_from_env
 
 logger = logging.getLogger(__name__)
 
@@ -49,16 +51,28 @@ def png_base64(image: Any) -> str:
 class GenerationAPI(ls.LitAPI):
     """Loads the pipeline and the patch runtime once per worker; serves batches."""
 
-    def __init__(self, settings: ModelSettings, config: ServerConfig, registry_path: str):
+    def __init__(
+        self,
+        settings: ModelSettings,
+        config: ServerConfig,
+        registry_path: str,
+        native: int | None = None,
+        workers: int = 1,
+    ):
+        """`native` (the model's native side) and `workers` are what the API process needs
+        to bound and admit requests; a LitAPI used in-process only needs neither."""
         super().__init__(
             max_batch_size=config.batching.max_batch_size,
             batch_timeout=config.batching.batch_timeout_s,
-            spec=ImagesSpec(config),
+            spec=ImagesSpec(config, native, workers),
             loop=BlockingBatchedLoop(),
         )
         self.settings = settings
         self.config = config
         self.registry_path = registry_path
+        self.beacon: WorkerBeacon | None = None
+        self.cancelled: CancelBoard | None = None
+        self._reported: RuntimeSnapshot | None = None
 
     def setup(self, device: str) -> None:
         from patches.loading import load_pipeline
@@ -70,13 +84,24 @@ class GenerationAPI(ls.LitAPI):
         # Workers share few cores on small machines; one thread each avoids oversubscription.
         torch.set_num_threads(max(1, int(os.environ.get("CONCEPTGUARD_THREADS", "1"))))
         self.worker = int(os.environ.get("LITSERVE_WORKER_ID", "0"))
+        run_dir = run_dir_from_env()
+        if run_dir is not None:
+            self.beacon = WorkerBeacon(run_dir, self.worker)
+            self.cancelled = CancelBoard(run_dir)
         self.metrics = Metrics(self.config.tenants, worker=str(self.worker))
         self.pipe = load_pipeline(self.settings.source, self.settings.dtype, self.settings.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.encoder = prompt_encoder_for(self.pipe)
-        self.runtime = PatchRuntime(open_registry(self.registry_path), self.pipe, self.metrics)
+        # The server created or checked the registry before starting its workers: a worker
+        # never creates one (a location that lost its registry fails every tenant closed).
+        registry = open_registry(self.registry_path, create=False)
+        self.runtime = PatchRuntime(registry, self.pipe, self.metrics)
         # Build every tenant's stack before this worker reports ready.
-        self.runtime.refresh(wait=True)
+        self._report(self.runtime.refresh(wait=True))
+
+    def health(self) -> bool:
+        """/health, in the API process: see ImagesSpec.healthy."""
+        return self.spec.healthy()
 
     def decode_request(self, request: WorkItem) -> WorkItem:
         return request
@@ -92,7 +117,42 @@ class GenerationAPI(ls.LitAPI):
     def idle(self) -> None:
         """Between requests: pick up registry changes and commit finished builds, so stacks
         are ready before their tenants' next requests."""
-        self.runtime.refresh()
+        self._report(self.runtime.refresh())
+
+    def heartbeat(self) -> None:
+        if self.beacon is not None:
+            self.beacon.beat()
+            self.cancelled.refresh()
+
+    def abandoned(self, item: WorkItem) -> bool:
+        return self.cancelled is not None and item.request_id in self.cancelled
+
+    def forget(self, item: WorkItem, dropped: str | None = None) -> None:
+        if dropped is not None:
+            self.metrics.rows_dropped(dropped)
+        if self.cancelled is not None:
+            self.cancelled.refresh()  # one stat: cancelled while it was computed?
+            self.cancelled.forget(item.request_id)
+
+    def _keep_going(self, items: Sequence[WorkItem]) -> bool:
+        """Per denoising step: a sign of life, and whether anybody waits for these rows."""
+        self.heartbeat()
+        return not all(self.abandoned(item) for item in items)
+
+    def _report(self, snapshot: RuntimeSnapshot) -> None:
+        """Tell the API process (/health) when this worker serves nobody at all."""
+        if self.beacon is None or snapshot is self._reported:
+            return
+        self._reported = snapshot
+        reason = None
+        if snapshot.registry_error is not None:
+            reason = "the patch registry cannot be read"
+        else:
+            names = set(self.config.tenants) | set(snapshot.tenants)
+            failing = [n for n in names if n in snapshot.tenants and snapshot.tenants[n].failure]
+            if names and len(failing) == len(names):
+                reason = f"every tenant's patch stack fails ({len(names)} tenants)"
+        self.beacon.report(reason)
 
     def predict(self, x: WorkItem | list[WorkItem]) -> Any:
         """LitServe's interface (and the in-process tests'): waits for stacks being built."""
@@ -103,6 +163,7 @@ class GenerationAPI(ls.LitAPI):
     def _answer_batch(self, items: list[WorkItem], wait: bool) -> list[dict[str, Any] | None]:
         batch_started = time.time()
         snapshot = self.runtime.refresh(wait=wait)
+        self._report(snapshot)
         answers: list[dict[str, Any] | None] = [{} for _ in items]
         rows, row_index, states = [], [], {}
         for i, item in enumerate(items):
@@ -121,9 +182,12 @@ class GenerationAPI(ls.LitAPI):
             return answers
         served = [items[i] for i in row_index]
         self.metrics.batch_started(len(served), (batch_started - i.enqueued_at for i in served))
+        keep_going = self._keep_going if self.beacon is not None else None
         result = generate_batch(
-            self.pipe, self.encoder, rows, self.config.limits, self.runtime.denoiser
+            self.pipe, self.encoder, rows, self.config.limits, self.runtime.denoiser, keep_going
         )
+        if result.stopped:
+            self.metrics.rows_dropped("stopped", result.stopped)
         images_by_tenant: Counter[str] = Counter()
         for i, output in zip(row_index, result.outputs, strict=True):
             if isinstance(output, ConceptGuardError):

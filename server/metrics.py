@@ -128,6 +128,15 @@ class Metrics:
             buckets=_STAGE_BUCKETS,
             registry=None,
         )
+        self.dropped = Counter(
+            "conceptguard_rows_dropped",
+            "Requests a worker did not compute, or stopped computing, because nobody waited "
+            "for them any more: reason=expired (past the queue timeout when taken), "
+            "cancelled (answered by the API process: client gone, timeout, worker lost), "
+            "stopped (its denoiser call was stopped: every row of it was cancelled)",
+            ["reason"],
+            registry=None,
+        )
         self.in_flight = Gauge(
             "conceptguard_requests_in_flight",
             "Generation requests accepted and not yet answered (queued or generating): the "
@@ -157,13 +166,19 @@ class Metrics:
 
     # --- API process ---------------------------------------------------------------------
 
-    def request_done(self, tenant: str | None, status: int, seconds: float | None) -> None:
+    def request_done(
+        self,
+        tenant: str | None,
+        status: int,
+        seconds: float | None,
+        error: ConceptGuardError | None = None,
+    ) -> None:
         label = self.tenant_label(tenant)
         self.requests.labels(tenant=label, status=str(status)).inc()
         if seconds is not None:
             self.latency.labels(tenant=label).observe(seconds)
         if status >= 400:
-            self.refusals.labels(reason=refusal_reason(status)).inc()
+            self.refusals.labels(reason=refusal_reason(status, error)).inc()
 
     def queued(self, delta: int) -> None:
         self.in_flight.inc(delta)
@@ -180,6 +195,9 @@ class Metrics:
             self.stage.labels(stage=stage).observe(seconds)
         for tenant, count in images_by_tenant.items():
             self.images.labels(tenant=self.tenant_label(tenant)).inc(count)
+
+    def rows_dropped(self, reason: str, count: int = 1) -> None:
+        self.dropped.labels(reason=reason).inc(count)
 
     def gpu_memory_bytes(self, value: int) -> None:
         self.gpu_memory.labels(worker=self.worker).set(value)

@@ -237,7 +237,8 @@ class PatchRuntime:
         try:
             state = self.registry.snapshot()
         except (ConceptGuardError, OSError) as exc:
-            logger.error("cannot read the registry; failing every tenant closed: %s", exc)
+            if str(exc) != current.registry_error:  # logged when it changes, not every pass
+                logger.error("cannot read the registry; failing every tenant closed: %s", exc)
             self._snapshot = RuntimeSnapshot(current.generation, {}, registry_error=str(exc))
             return self._snapshot
         new_generation = state.generation != current.generation or current.registry_error

@@ -78,7 +78,7 @@ def _text_problem(field: str, text: str | None) -> list[str]:
     ]
 
 
-def _bound_problems(request: ImageGenerationRequest, limits: Limits) -> list[str]:
+def _bound_problems(request: ImageGenerationRequest, limits: Limits, native: int) -> list[str]:
     problems = _text_problem("prompt", request.prompt)
     problems += _text_problem("negative_prompt", request.negative_prompt)
     if not 1 <= len(request.prompt) <= limits.max_prompt_chars:
@@ -95,19 +95,43 @@ def _bound_problems(request: ImageGenerationRequest, limits: Limits) -> list[str
         problems.append(f"n: must be 1 to {limits.max_images} images per request (got {request.n})")
     if request.steps is not None and not 1 <= request.steps <= limits.max_steps:
         problems.append(f"steps: must be 1 to {limits.max_steps} (got {request.steps})")
+    max_side = limits.max_side_for(native)
     if request.size is not None:
         for side in request.dimensions(0):
-            if not limits.min_side <= side <= limits.max_side or side % 8:
+            if not limits.min_side <= side <= max_side or side % 8:
                 problems.append(
                     f"size: each side must be a multiple of 8 between {limits.min_side} and "
-                    f"{limits.max_side} (got {request.size})"
+                    f"{max_side} (got {request.size}; this model draws {native}x{native})"
                 )
                 break
+    if not problems:
+        problems += _work_problems(request, limits, native)
     return problems
 
 
-def parse_request(body: Any, limits: Limits) -> ImageGenerationRequest:
-    """The validated request, or InvalidRequest naming every field that is wrong."""
+def request_work(request: ImageGenerationRequest, limits: Limits, native: int) -> float:
+    """A request's work in denoising steps of one image at the model's native size."""
+    width, height = request.dimensions(native)
+    steps = request.steps or limits.default_steps
+    return request.n * steps * width * height / (native * native)
+
+
+def _work_problems(request: ImageGenerationRequest, limits: Limits, native: int) -> list[str]:
+    work = request_work(request, limits, native)
+    if work <= limits.max_image_steps:
+        return []
+    width, height = request.dimensions(native)
+    steps = request.steps or limits.default_steps
+    return [
+        f"work: {request.n} image(s) x {steps} steps at {width}x{height} is {work:g} image-steps "
+        f"at this model's native {native}x{native}; a request may ask for at most "
+        f"{limits.max_image_steps}: ask for fewer images, fewer steps or a smaller size"
+    ]
+
+
+def parse_request(body: Any, limits: Limits, native: int) -> ImageGenerationRequest:
+    """The validated request, or InvalidRequest naming every field that is wrong. `native` is
+    the served model's native side in pixels (the default size, and the unit of work)."""
     if isinstance(body, dict) and "tenant" in body:
         raise InvalidRequest(
             "tenant: a request may not name a tenant; the tenant is the one its API key belongs to"
@@ -116,7 +140,7 @@ def parse_request(body: Any, limits: Limits) -> ImageGenerationRequest:
         request = ImageGenerationRequest.model_validate(body)
     except ValidationError as exc:
         raise InvalidRequest(_validation_message(exc)) from None
-    problems = _bound_problems(request, limits)
+    problems = _bound_problems(request, limits, native)
     if problems:
         raise InvalidRequest("; ".join(problems))
     return request

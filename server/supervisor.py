@@ -1,0 +1,119 @@
+"""The LitServe server, supervised: dead workers are replaced, and stopping is bounded.
+
+LitServe 0.2.19 shuts the whole server down when one inference worker dies (its monitor's
+default), after the 30 s it gives its API processes to finish; with `restart_workers` it
+starts a replacement but fails the dead worker's requests only in the main process's
+response buffer, which the forked API process does not share. Here:
+
+- a worker that dies is replaced (a fresh process loads the model; /health is 503 until it
+  is ready); its requests are answered 503 WorkerLost by the API process, which watches the
+  workers itself (server/worker_health.py, server/images_spec.py);
+- a replacement that fails its setup stops the server with a non-zero exit (`failure`), so
+  the orchestrator restarts it rather than a half-working pod lingering;
+- stopping (SIGTERM, Ctrl+C) tells the API process to answer every waiting request 503
+  ShuttingDown at once, stops the workers within seconds (SIGKILL for ones that ignore
+  SIGTERM, e.g. stopped), and gives open HTTP exchanges `shutdown_grace_s`; a second signal
+  during that is ignored, so the stop always completes.
+
+It overrides two private LitServe methods (`_start_worker_monitoring`,
+`_perform_graceful_shutdown`), pinned by tests that kill workers and stop servers.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import litserve as ls
+from litserve.utils import WorkerSetupStatus
+
+from server.worker_health import start_draining
+
+logger = logging.getLogger(__name__)
+
+MONITOR_INTERVAL_S = 0.5
+WORKER_STOP_S = 2.0
+
+
+class SupervisedServer(ls.LitServer):
+    def __init__(self, *args: Any, run_dir: Path | None, shutdown_grace_s: int, **kwargs: Any):
+        super().__init__(*args, restart_workers=True, **kwargs)
+        self.uvicorn_graceful_timeout = shutdown_grace_s
+        self.run_dir = run_dir
+        self.failure: str | None = None  # why the server stopped by itself
+        self._stopping = threading.Event()
+        self._restart_lock = threading.Lock()
+
+    def _start_worker_monitoring(self, manager: Any, uvicorn_workers: dict) -> None:
+        threading.Thread(
+            target=self._monitor, daemon=True, name="conceptguard-worker-monitor"
+        ).start()
+
+    def _monitor(self) -> None:
+        (lit_api,) = self.litapi_connector.lit_apis
+        endpoint = lit_api.api_path.split("/")[-1]
+        try:
+            while not self._stopping.wait(MONITOR_INTERVAL_S):
+                for worker, process in enumerate(self.inference_workers):
+                    if self.workers_setup_status.get(f"{endpoint}_{worker}") == (
+                        WorkerSetupStatus.ERROR
+                    ):
+                        self._fail(f"worker {worker} failed to set up (see the log above)")
+                        return
+                    if process.is_alive():
+                        continue
+                    with self._restart_lock:
+                        if self._stopping.is_set():
+                            return
+                        logger.error(
+                            "worker %d (pid %s) died with exit code %s; starting a replacement",
+                            worker,
+                            process.pid,
+                            process.exitcode,
+                        )
+                        self.inference_workers[worker] = self.launch_single_inference_worker(
+                            lit_api, worker
+                        )
+        except Exception:
+            if not self._stopping.is_set():
+                logger.exception("the worker monitor failed")
+                self._fail("the worker monitor failed")
+
+    def _fail(self, reason: str) -> None:
+        logger.error("stopping the server: %s", reason)
+        self.failure = reason
+        self._shutdown_event.set()  # LitServe's run() returns from its wait and stops
+
+    def _perform_graceful_shutdown(
+        self, manager: Any, uvicorn_workers: dict, shutdown_reason: str = "normal"
+    ) -> None:
+        if threading.current_thread() is threading.main_thread():
+            # A second SIGTERM or Ctrl+C must not abort the stop half-way (orphans).
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with self._restart_lock:
+            self._stopping.set()
+        if self.run_dir is not None:
+            start_draining(self.run_dir)
+        self._stop_workers()
+        super()._perform_graceful_shutdown(manager, uvicorn_workers, shutdown_reason)
+
+    def _stop_workers(self) -> None:
+        """SIGTERM every worker, wait for them together, SIGKILL what is left: a few seconds
+        at most, where LitServe waits 5 s per worker that ignores SIGTERM."""
+        workers = list(getattr(self, "inference_workers", []))
+        for process in workers:
+            if process.is_alive():
+                process.terminate()
+        deadline = time.monotonic() + WORKER_STOP_S
+        for process in workers:
+            process.join(timeout=max(0.0, deadline - time.monotonic()))
+        for process in workers:
+            if process.is_alive():
+                logger.warning("worker pid %s did not stop on SIGTERM; killing it", process.pid)
+                process.kill()
+                process.join(timeout=WORKER_STOP_S)
