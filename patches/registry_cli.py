@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from patches.errors import RegistryExists
 from patches.registry import PatchRecord, Registry, TenantRecord, open_registry
 
 ENV_DIR = "CONCEPTGUARD_REGISTRY"
@@ -29,7 +30,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON")
     commands = parser.add_subparsers(dest="registry_command", metavar="COMMAND", required=True)
 
-    commands.add_parser("init", help="create a new, empty registry").set_defaults(func=init_command)
+    init = commands.add_parser("init", help="create a new, empty registry")
+    init.add_argument(
+        "--exist-ok",
+        action="store_true",
+        help="a readable registry there already is fine (exit 0); a damaged one still is not",
+    )
+    init.set_defaults(func=init_command)
     commands.add_parser("ls", help="list patches and tenants").set_defaults(func=ls_command)
 
     put = commands.add_parser("put", help="validate and register a patch file")
@@ -140,7 +147,14 @@ def ls_command(args: argparse.Namespace) -> int:
 
 def init_command(args: argparse.Namespace) -> int:
     registry = _open(args)
-    registry.create()
+    try:
+        registry.create()
+    except RegistryExists:
+        if not args.exist_ok:
+            raise
+        registry.snapshot()  # it must also be readable
+        print(f"a registry exists at {_location(args)} already")
+        return 0
     print(f"created an empty registry at {_location(args)}")
     return 0
 

@@ -39,7 +39,25 @@ limits:
 {{- toYaml .Values.config.limits | nindent 2 }}
 batching:
 {{- toYaml .Values.config.batching | nindent 2 }}
+{{- range $block := list "admission" "http" "supervision" }}
+{{- with index $.Values.config $block }}
+{{ $block }}:
+{{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
 max_patch_bytes: {{ int64 .Values.config.max_patch_bytes }}
+{{- end }}
+
+{{- /* `serve --registry-create`: never where several pods share the registry (it is then
+created once, by the install's Job), so no pod starts a registry of its own. */ -}}
+{{- define "conceptguard.registryCreate" -}}
+{{- if ne .Values.registry.create "auto" -}}
+{{ .Values.registry.create }}
+{{- else if or (ne .Values.autoscaling.mode "none") (gt (int .Values.replicaCount) 1) -}}
+never
+{{- else -}}
+if-missing
+{{- end }}
 {{- end }}
 
 {{- /* Average queued requests per pod: Little's law on the queue-wait histogram. */ -}}
