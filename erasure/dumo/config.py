@@ -26,13 +26,15 @@ class DumoConfig:
     gate: bool = True
     gate_tokens: int = 256  # at most this many concept token states (fewer if found)
     prior: bool = True
-    # Phase 1, the eraser: negative guidance from each prompt's anchored twin,
+    # Phase 1, the eraser: guidance from each prompt's anchored twin r,
     #   target = eps0(x_t, r) - eta (eps0(x_t, c) - eps0(x_t, r)),
-    # plus `retain_weight` x the change of the prediction on retain prompts.
+    # plus `retain_weight` x the change of the prediction on retain prompts. eta = 0 (the
+    # anchor's own prediction) draws the anchor's image; on MiniCanvas eta = 1 pushed past
+    # it and lost the style of 1 in 4 erased cells (circle: clean erasure 62.5% vs 100%).
     steps: int = 150
     lr: float = 1e-4
     batch: int = 8
-    eta: float = 1.0
+    eta: float = 0.0
     retain_prompts: tuple[str, ...] = ()
     retain_weight: float = 10.0
     # Phase 2, TLMO: the table alone, the same loss on held-out prompts (check_prompts for
