@@ -7,6 +7,7 @@ should become an object-free "pattern", an erased style "plain".
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from bench.minicanvas.quality import concept_kind
@@ -83,8 +84,17 @@ def hirm_config(concepts: list[str], variant: str, retain: bool = True, **overri
     return HirmConfig(variant=variant, **_prompt_settings(concepts, retain), **settings)
 
 
-def esd_config(concepts: list[str], mode: str, retain: bool = False, **overrides: Any):
-    """An ESD config for MiniCanvas concepts (all of one kind)."""
+def esd_config(
+    concepts: list[str],
+    mode: str,
+    retain: bool = False,
+    anchored: bool = True,
+    **overrides: Any,
+):
+    """An ESD config for MiniCanvas concepts (all of one kind).
+
+    `anchored`: the target's reference is the prompt with the concept replaced by its anchor
+    (False: the empty prompt, the published ESD)."""
     from erasure.esd import EsdConfig
 
     # Rank 1, lr 1e-3, 200 steps: of the settings tried (docs/BENCHMARKS.md) the first to
@@ -93,4 +103,34 @@ def esd_config(concepts: list[str], mode: str, retain: bool = False, **overrides
     # weight 10 kept IRA within 2 points of the base's).
     settings = dict(steps=200, batch=8, lr=1e-3, rank=1, progress=False)
     settings.update(overrides)
-    return EsdConfig(mode=mode, **_prompt_settings(concepts, retain), **settings)
+    prompt_settings = _prompt_settings(concepts, retain)
+    if not anchored:
+        prompt_settings["concepts"] = [replace(c, anchor=None) for c in prompt_settings["concepts"]]
+    return EsdConfig(mode=mode, **prompt_settings, **settings)
+
+
+DUMO_VARIANTS = ("full", "no-tlmo", "no-gate", "no-prior")
+
+
+def dumo_config(concepts: list[str], variant: str = "full", **overrides: Any):
+    """A DuMo config for MiniCanvas concepts (all of one kind); the variants are its
+    ablations: without TLMO, without the prompt gate, without prior-knowledge init.
+
+    The retain captions are split as the CLI splits its default set: every fifth held out,
+    for TLMO's fit and the report's drift."""
+    from erasure.dumo import DumoConfig
+
+    if variant not in DUMO_VARIANTS:
+        raise ValueError(f"DuMo variant {variant!r}: choose one of {', '.join(DUMO_VARIANTS)}")
+    settings = _prompt_settings(concepts, retain=True)
+    retain = settings.pop("retain_prompts")
+    settings.update(
+        retain_prompts=tuple(p for i, p in enumerate(retain) if i % 5 != 4),
+        check_prompts=tuple(retain[4::5]),
+        tlmo=variant != "no-tlmo",
+        gate=variant != "no-gate",
+        prior=variant != "no-prior",
+        progress=False,
+    )
+    settings.update(overrides)
+    return DumoConfig(**settings)

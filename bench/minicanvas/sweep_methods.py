@@ -1,0 +1,168 @@
+"""The methods `bench erasure-sweep` can run: a registry of row builders.
+
+Each entry turns (pipeline, variant, concepts, options, patch cache) into the patches one
+table row measures. Adding a method (ErasePro, UCE, DuMo, ...) is one `register(SweepMethod(...))`
+with its own builder; the sweep, its tables and `--merge` need no change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """Method settings the sweep's flags may change (recorded in the result's config)."""
+
+    esd_steps: int | None = None  # None: erasure_settings.py's
+    esd_retain_weight: float = 0.0  # 0: no preservation term
+    esd_reference: str = "anchor"  # "anchor" (anchored target) or "empty" (published ESD)
+
+    def record(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Made:
+    """What a builder returns: the patches of one row, how long they took, its report."""
+
+    patches: list
+    seconds: float
+    report: dict[str, Any]
+
+
+# (pipeline, variant, concepts, options, patch cache or None) -> the row's patches
+Builder = Callable[[Any, str, list[str], SweepOptions, "Path | None"], Made]
+
+
+@dataclass(frozen=True)
+class SweepMethod:
+    name: str
+    variants: str  # help text: the variants it takes
+    build: Builder
+    composite: bool = False  # made of other rows' patches (cached as those, not itself)
+
+
+METHODS: dict[str, SweepMethod] = {}
+
+
+def register(method: SweepMethod) -> SweepMethod:
+    METHODS[method.name] = method
+    return method
+
+
+def make_patches(
+    pipe: Any,
+    method: str,
+    variant: str,
+    concepts: list[str],
+    options: SweepOptions,
+    cache: Path | None = None,
+) -> Made:
+    """The patches of `method` (a registered name) for MiniCanvas `concepts`.
+
+    `cache`: a folder of patches made before with the same settings (every builder is
+    deterministic for its seed), so a stack row reuses the patches its parts' rows made;
+    the make time recorded is the original one."""
+    entry = METHODS[method]
+    if cache is None or entry.composite:
+        return entry.build(pipe, variant, concepts, options, cache)
+    folder = cache / _cache_key(method, variant, concepts, options)
+    if (folder / "made.json").exists():
+        from patches.patch import Patch
+
+        record = json.loads((folder / "made.json").read_text())
+        patches = [Patch.load(folder / name) for name in record["files"]]
+        return Made(patches, record["seconds"], record["report"])
+    made = entry.build(pipe, variant, concepts, options, cache)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i, patch in enumerate(made.patches):
+        patch.save(folder / f"{i}.safetensors")
+        files.append(f"{i}.safetensors")
+    record = {"files": files, "seconds": made.seconds, "report": made.report}
+    (folder / "made.json").write_text(json.dumps(record, default=str))
+    return made
+
+
+def _cache_key(method: str, variant: str, concepts: list[str], options: SweepOptions) -> str:
+    # HiRM reads none of the options; ESD reads all of them.
+    relevant = options.record() if method != "hirm" else {}
+    text = json.dumps([method, variant, concepts, relevant], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _hirm(pipe: Any, variant: str, concepts: list[str], options: SweepOptions, cache) -> Made:
+    from bench.minicanvas.erasure_settings import hirm_config
+    from erasure.hirm import erase_hirm
+
+    result = erase_hirm(pipe, hirm_config(concepts, variant))
+    return Made(result.patches, result.seconds, result.reports[0])
+
+
+def esd_overrides(options: SweepOptions) -> dict[str, Any]:
+    """The sweep's ESD settings that differ from erasure_settings.py's."""
+    out: dict[str, Any] = {"anchored": options.esd_reference == "anchor"}
+    if options.esd_steps:
+        out["steps"] = options.esd_steps
+    if options.esd_retain_weight:
+        out.update(retain=True, retain_weight=options.esd_retain_weight)
+    return out
+
+
+def _esd(pipe: Any, variant: str, concepts: list[str], options: SweepOptions, cache) -> Made:
+    from bench.minicanvas.erasure_settings import esd_config
+    from erasure.esd import erase_esd
+
+    result = erase_esd(pipe, esd_config(concepts, variant, **esd_overrides(options)))
+    return Made([result.patch], result.seconds, result.report)
+
+
+def _stack(pipe: Any, variant: str, concepts: list[str], options: SweepOptions, cache) -> Made:
+    """The variant "<hirm variant>+<esd mode>": the HiRM patch then the ESD LoRA, as a tenant
+    stack would hold them (each made exactly as its method alone makes it)."""
+    hirm_variant, _, esd_mode = variant.partition("+")
+    text = make_patches(pipe, "hirm", hirm_variant, concepts, options, cache)
+    unet = make_patches(pipe, "esd", esd_mode, concepts, options, cache)
+    return Made(
+        text.patches + unet.patches,
+        text.seconds + unet.seconds,
+        {"hirm": text.report, "esd": unet.report},
+    )
+
+
+register(SweepMethod("hirm", "R, S, V", _hirm))
+register(SweepMethod("esd", "x, u", _esd))
+register(SweepMethod("stack", "<hirm variant>+<esd mode>, e.g. S+x", _stack, composite=True))
+
+
+def _uce(pipe: Any, variant: str, concepts: list[str], options: SweepOptions, cache) -> Made:
+    from bench.minicanvas.closed_form_settings import uce_row
+
+    return uce_row(pipe, variant, concepts)
+
+
+def _erasepro(pipe: Any, variant: str, concepts: list[str], options: SweepOptions, cache) -> Made:
+    from bench.minicanvas.closed_form_settings import erasepro_row
+
+    return erasepro_row(pipe, variant, concepts)
+
+
+register(SweepMethod("uce", "all, content, span (aligned token positions)", _uce))
+register(SweepMethod("erasepro", "text, unet, text-layer (the chain)", _erasepro))
+
+
+def _dumo(pipe: Any, variant: str, concepts: list[str], options: SweepOptions, cache) -> Made:
+    from bench.minicanvas.erasure_settings import dumo_config
+    from erasure.dumo import erase_dumo
+
+    result = erase_dumo(pipe, dumo_config(concepts, variant))
+    return Made([result.patch], result.seconds, result.report)
+
+
+register(SweepMethod("dumo", "full, no-tlmo, no-gate, no-prior (ablations)", _dumo))
