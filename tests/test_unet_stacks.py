@@ -1,4 +1,4 @@
-"""Tenant stacks with U-Net LoRA patches: HiRM only (a), ESD only (b), both (c), none (d).
+"""Tenant stacks of every kind: HiRM only (a), ESD only (b), HiRM + ESD + DuMo (c), none (d).
 
 In one worker's batch and through a real 2-worker server under concurrent traffic, every
 image equals what that tenant's stack gives offline (Patch.apply on a plain pipeline, same
@@ -15,6 +15,7 @@ import pytest
 import torch
 from tenant_server import images_of, start_tenant_server
 
+from erasure.dumo import DumoConfig, erase_dumo
 from erasure.esd import EsdConfig, erase_esd
 from erasure.hirm import HirmConfig, erase_hirm
 from erasure.prompts import ConceptSpec
@@ -34,7 +35,24 @@ def patches(tiny_sd):
     esd = erase_esd(
         tiny_sd, EsdConfig([cat], steps=4, lr=3e-2, sample_steps=3, batch=2, progress=False)
     ).patch
-    return {"a": [hirm], "b": [esd], "c": [hirm, esd], "d": []}
+    dumo = erase_dumo(
+        tiny_sd,
+        DumoConfig(
+            [cat],
+            retain_prompts=("a blue box", "a green cup", "a red ball"),
+            width=0.5,
+            buckets=4,
+            steps=4,
+            tlmo_steps=1,
+            lr=1e-2,
+            batch=2,
+            sample_steps=3,
+            resolution=32,
+            progress=False,
+        ),
+    ).patch
+    # c: every kind at once - a text-encoder patch, a LoRA, a skip-connection module.
+    return {"a": [hirm], "b": [esd], "c": [hirm, esd, dumo], "d": []}
 
 
 def _register(registry_root, patches) -> None:
