@@ -47,6 +47,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ("serve-throughput", "bench.serve_throughput"),
         ("hirm-cost", "bench.hirm_cost"),
         ("mixed-stacks", "bench.mixed_stacks"),
+        ("complex-prompts", "bench.minicanvas.complex_prompts"),
+        ("closed-form-cost", "bench.closed_form_cost"),
     ):
         runner = commands.add_parser(
             name, add_help=False, prefix_chars="+", help=f"{module}: see --help"

@@ -43,11 +43,12 @@ class Gram:
 
     def add(self, vectors: torch.Tensor) -> None:
         """Add rows [..., dim] (e.g. a batch of prompts' token vectors)."""
-        flat = vectors.reshape(-1, self.dim).double()
-        product = flat.T @ flat
+        flat = vectors.reshape(-1, self.dim)
+        # Summed in float32 per batch (a metric needs no more), accumulated in float64.
+        product = (flat.float().T @ flat.float()).double()
         self.sum = product if self.sum is None else self.sum + product.to(self.sum.device)
         self.count += flat.shape[0]
-        self.total += float(flat.pow(2).sum())
+        self.total += float(product.trace())
 
     @property
     def matrix(self) -> torch.Tensor:
@@ -99,6 +100,19 @@ def _metric_inverse(preserve: Gram | None, weight: float, dim: int) -> torch.Ten
     return torch.linalg.inv(torch.eye(dim, dtype=torch.float64) + weight * dim * scaled)
 
 
+def _left_singular(x: torch.Tensor, rcond: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """X's left singular vectors and values, largest first. With many more columns than
+    rows (thousands of aligned tokens, a few hundred input features) from the eigenvectors
+    of X X^T, which is much cheaper and in float64 exact enough for the directions kept
+    when rcond >= 1e-6 (their eigenvalues are >= 1e-12 of the largest)."""
+    if x.shape[1] <= 2 * x.shape[0] or rcond < 1e-6:
+        u, s, _ = torch.linalg.svd(x, full_matrices=False)
+        return u, s
+    evals, evecs = torch.linalg.eigh(x @ x.T)
+    order = evals.flip(0).clamp_min(0)
+    return evecs.flip(1), order.sqrt()
+
+
 def as_record(solve: Solve) -> dict[str, float | int]:
     """The figures of a solve, for reports."""
     return {
@@ -130,12 +144,14 @@ def zero_residual(
     fewer, its principal part, which changes the layer far less (small singular directions
     are amplified by 1/s). The residual on all columns says what is left."""
     w0d, xd, td = w0.double(), x.double(), target.double()
-    u, s, vh = torch.linalg.svd(xd, full_matrices=False)
+    u, s = _left_singular(xd, rcond)
     keep = int((s > rcond * s[0]).sum()) if s.numel() and s[0] > 0 else 0
     if keep == 0:
         raise ValueError("the target inputs are all zero: nothing to redirect")
     if keep < xd.shape[1]:
-        xc, tc = u[:, :keep] * s[:keep], td @ vh[:keep].T
+        # X V_k = U_k S_k and T V_k = T X^T U_k / S_k (V_k = X^T U_k / S_k).
+        xc = u[:, :keep] * s[:keep]
+        tc = (td @ (xd.T @ u[:, :keep])) / s[:keep]
     else:
         xc, tc = xd, td
     r = tc - w0d @ xc  # the change the outputs need

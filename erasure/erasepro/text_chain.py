@@ -128,11 +128,17 @@ def run_chain(
         lambda b, seen: grams.setdefault(b, Gram(seen["input"].shape[-1])).add(seen["input"]),
     )
     deltas, layers = {}, []
-    for index in blocks:
+    for step, index in enumerate(blocks):
         fc2 = block_list[index].mlp.fc2
         w0 = fc2.weight.detach().double().cpu()
-        mine = capture(work, pairs.target_ids, [index])[index]
-        theirs = anchors[index]
+        # One pass through the encoder as edited so far: this block's inputs, and the block
+        # edited last, to report how close its outputs came to the anchor's.
+        seen = capture(work, pairs.target_ids, blocks[max(step - 1, 0) : step + 1])
+        if step:
+            layers[-1]["stream_gap_after"] = _gap(
+                pairs, seen[blocks[step - 1]]["output"], anchors[blocks[step - 1]]["output"]
+            )
+        mine, theirs = seen[index], anchors[index]
         x, y = pairs.gather(mine["input"], theirs["input"])
         target = w0 @ y.double().cpu()
         if config.target == "stream":
@@ -143,7 +149,6 @@ def run_chain(
         )
         with torch.no_grad():
             fc2.weight += solve.delta.to(device)
-        after = capture(work, pairs.target_ids, [index])[index]
         name = f"{list_name}.{index}.mlp.fc2.weight"
         deltas[name] = solve.delta
         layers.append(
@@ -154,9 +159,10 @@ def run_chain(
                 **as_record(solve),
                 "delta_relative": solve.norm / float(w0.norm()),
                 "stream_gap_before": _gap(pairs, mine["output"], theirs["output"]),
-                "stream_gap_after": _gap(pairs, after["output"], theirs["output"]),
             }
         )
+    last = capture(work, pairs.target_ids, blocks[-1:])[blocks[-1]]
+    layers[-1]["stream_gap_after"] = _gap(pairs, last["output"], anchors[blocks[-1]]["output"])
     readout = _readout(original, work, slot, pairs, retain_ids)
     return deltas, layers, readout
 
