@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+import torch
 from conftest import run_conceptguard, text_encoder_patch, unet_weights_patch
 from prometheus_client.parser import text_string_to_metric_families
 from server_process import free_port
@@ -218,6 +219,19 @@ def test_admin_refusals(server, base_pipe, other_sd):
         tensors={"conv_in.bias": bias},
     )
     assert error_type(upload(dense_bias.to_bytes())) == (422, "UnsupportedPatchKind")
+    # A U-Net module of a type this server does not know: refused, never half-applied.
+    unknown_module = Patch.create(
+        pipe=base_pipe,
+        kind="unet_module",
+        component="unet",
+        method="test",
+        concepts=["x"],
+        tensors={"module.weight": torch.zeros(4)},
+        params={"module_type": "not-a-module-type"},
+    )
+    refused = upload(unknown_module.to_bytes())
+    assert error_type(refused) == (422, "WrongTarget")
+    assert "not-a-module-type" in refused.json()["detail"]
 
     form = {"file": ("p.safetensors", text_encoder_patch(base_pipe, seed=13).to_bytes())}
     multipart = server.admin("POST", "/v1/patches", files=form, data={"name": "multi"})
