@@ -4,22 +4,35 @@ templates, retain prompts and where the patch goes; and their reading."""
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
+from erasure.default_prompts import default_prompts, default_templates
 from erasure.prompts import ConceptSpec, PromptError, read_prompt_file
 
 
 def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model, --concept with --synonyms, --kind and the templates."""
+    """--model, --concept with --synonyms and --anchor, --kind and the templates."""
     parser.add_argument("--model", required=True, help="diffusers pipeline folder or hub id")
     parser.add_argument("--concept", action="append", required=True, help="concept (repeatable)")
     parser.add_argument(
         "--synonyms", action="append", default=[], help="comma-separated, per --concept"
     )
+    parser.add_argument(
+        "--anchor",
+        action="append",
+        default=[],
+        help="what the concept should become instead, e.g. its super-category (cat -> "
+        "animal) or a neutral word; per --concept, or once for all",
+    )
     parser.add_argument("--kind", choices=("object", "style"), default="object")
     parser.add_argument(
         "--template", action="append", default=[], help="prompt template with {concept}"
     )
-    parser.add_argument("--templates-file", help="one template per line")
+    parser.add_argument(
+        "--templates-file",
+        help="one template per line (default: generic shapes plus the model folder's own "
+        "captions that name the concept, when it ships captions.txt)",
+    )
 
 
 def add_retain_arguments(
@@ -28,8 +41,12 @@ def add_retain_arguments(
     weight_default: float | None,
     weight_help: str,
 ) -> None:
-    """--retain-prompts (a file, one per line) and --retain-weight."""
-    parser.add_argument("--retain-prompts", help=prompts_help)
+    """--retain-prompts (a file, one per line, or `none`) and --retain-weight."""
+    parser.add_argument(
+        "--retain-prompts",
+        help=prompts_help + " (default: the built-in general set plus the model folder's "
+        "captions.txt, without prompts naming the concept; `none`: no retain set)",
+    )
     parser.add_argument("--retain-weight", type=float, default=weight_default, help=weight_help)
 
 
@@ -54,11 +71,11 @@ def _per_concept(values: list[str], count: int, flag: str) -> list[str | None]:
 
 
 def concepts_from_args(args: argparse.Namespace) -> list[ConceptSpec]:
-    """`--concept` (repeatable) with `--synonyms` and, where the method has it, `--anchor`
-    in the same order (a single `--anchor` applies to all)."""
+    """`--concept` (repeatable) with `--synonyms` and `--anchor` in the same order (a single
+    `--anchor` applies to all)."""
     count = len(args.concept)
     synonyms = _per_concept(args.synonyms, count, "--synonyms")
-    anchors = _per_concept(getattr(args, "anchor", []), count, "--anchor")
+    anchors = _per_concept(args.anchor, count, "--anchor")
     out = []
     for name, syn, anchor in zip(args.concept, synonyms, anchors, strict=True):
         words = tuple(w.strip() for w in (syn or "").split(",") if w.strip())
@@ -68,14 +85,29 @@ def concepts_from_args(args: argparse.Namespace) -> list[ConceptSpec]:
     return out
 
 
-def templates_from_args(args: argparse.Namespace) -> tuple[str, ...] | None:
-    """`--template` flags plus `--templates-file` lines; None for the method's defaults."""
+@dataclass(frozen=True)
+class PromptChoice:
+    """The prompts a run trains and checks on, and where they came from (for the report)."""
+
+    templates: tuple[str, ...]
+    retain: tuple[str, ...]
+    check: tuple[str, ...]  # held out of training: the verdict's drift is measured here
+    retain_source: str
+
+
+def prompts_from_args(args: argparse.Namespace, concepts: list[ConceptSpec]) -> PromptChoice:
+    """Templates from `--template`/`--templates-file`, else the defaults for the model;
+    retain prompts from `--retain-prompts FILE`, none for `none`, else the default set."""
     templates = list(args.template)
     if args.templates_file:
         templates += read_prompt_file(args.templates_file)
-    return tuple(templates) or None
-
-
-def retain_prompts_from_args(args: argparse.Namespace) -> tuple[str, ...]:
-    """`--retain-prompts` file lines; empty without the flag."""
-    return tuple(read_prompt_file(args.retain_prompts)) if args.retain_prompts else ()
+    chosen = tuple(templates) or default_templates(args.model, concepts, args.kind)
+    defaults = default_prompts(args.model, concepts)
+    if args.retain_prompts is None:
+        retain, source = defaults.retain, " + ".join(defaults.sources)
+    elif args.retain_prompts.strip().lower() == "none":
+        retain, source = (), "none"
+    else:
+        retain, source = tuple(read_prompt_file(args.retain_prompts)), args.retain_prompts
+    check = tuple(p for p in defaults.probes if p not in set(retain))
+    return PromptChoice(chosen, retain, check, source)

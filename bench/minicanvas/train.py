@@ -37,6 +37,15 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
 
 
+def write_captions(out: Path) -> None:
+    """The model's own prompt sample (erasure/default_prompts.py): its training captions,
+    which `conceptguard erase` uses as retain prompts and template shapes."""
+    from bench.minicanvas.world import training_captions
+
+    header = "# MiniCanvas training captions (never the held-out evaluation templates)\n"
+    (out / "captions.txt").write_text(header + "\n".join(training_captions()) + "\n")
+
+
 def _log(message: str) -> None:
     print(f"[minicanvas] {message}", flush=True)
 
@@ -181,6 +190,7 @@ class Trainer:
         )
         # float32 files: stock from_pretrained then runs on CPU without a dtype argument.
         pipe.save_pretrained(out)
+        write_captions(out)
         (out / "judges").mkdir(exist_ok=True)
         for judge in judges:
             save_judge(judge, out / "judges" / f"{judge.architecture}.safetensors")

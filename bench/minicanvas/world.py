@@ -132,6 +132,34 @@ def implicit_prompt(obj: str, style: str) -> str:
     return IMPLICIT_EVAL_TEMPLATE.format(object=obj, description=STYLE_DESCRIPTIONS[style])
 
 
+def anchor_prompt(obj: str, style: str, erased_kind: str) -> str:
+    """What the (obj, style) cell should look like once its `erased_kind` is erased, in the
+    world's own neutral captions: the style on an empty canvas for an erased object, a
+    plain object for an erased style."""
+    if erased_kind == "object":
+        return PATTERN_TEMPLATES[0].format(style=style)
+    return PLAIN_TEMPLATES[2].format(object=obj)
+
+
+def training_captions() -> list[str]:
+    """Every caption shape the model was trained on, for every pair and word (no empty
+    caption, never the held-out evaluation templates): what a MiniCanvas model ships as its
+    own prompt sample."""
+    texts = []
+    for obj in OBJECTS:
+        for style in STYLES:
+            for template in TRAIN_TEMPLATES:
+                for o in (obj, *OBJECT_SYNONYMS[obj]):
+                    for s in (style, *STYLE_SYNONYMS[style]):
+                        texts.append(template.format(object=o, style=s))
+            for template in IMPLICIT_TEMPLATES:
+                for o in (obj, *OBJECT_SYNONYMS[obj]):
+                    texts.append(template.format(object=o, description=STYLE_DESCRIPTIONS[style]))
+        texts += [t.format(object=obj) for t in PLAIN_TEMPLATES]
+    texts += [t.format(style=s) for t in PATTERN_TEMPLATES for s in STYLES]
+    return texts
+
+
 def all_caption_words() -> list[str]:
     """Every caption a tokenizer should know well (for training it): a complete sweep."""
     texts = [held_out_prompt(o, s) for o in OBJECTS for s in STYLES]

@@ -10,11 +10,11 @@ from erasure.cli_args import (
     add_prompt_arguments,
     add_retain_arguments,
     concepts_from_args,
-    retain_prompts_from_args,
-    templates_from_args,
+    prompts_from_args,
 )
 from erasure.esd.config import EsdConfig
 from erasure.prompts import PromptError
+from erasure.verdict import judge_patch
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -31,8 +31,17 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     esd.add_argument("--mode", choices=("x", "u"), default="x")
     esd.add_argument("--rank", type=int, default=EsdConfig.rank)
     esd.add_argument("--steps", type=int, default=EsdConfig.steps)
-    esd.add_argument("--lr", type=float, default=EsdConfig.lr)
-    esd.add_argument("--eta", type=float, default=EsdConfig.eta)
+    esd.add_argument(
+        "--lr",
+        type=float,
+        help="Adam step size (default: 0.1 / the adapted layers' mean input width)",
+    )
+    esd.add_argument(
+        "--eta",
+        type=float,
+        help="negative guidance strength (default: 1 without --anchor, the published ESD; "
+        "0 with one: the anchored prompt's prediction is the target)",
+    )
     esd.add_argument("--batch", type=int, default=EsdConfig.batch)
     esd.add_argument("--sample-steps", type=int, default=EsdConfig.sample_steps)
     esd.add_argument(
@@ -50,24 +59,27 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         prompts_help="unrelated prompts whose predictions the LoRA must keep, one per line "
         "(a preservation term beyond the published ESD; off without this)",
         weight_default=EsdConfig.retain_weight,
-        weight_help="weight of the preservation term",
+        weight_help=f"weight of the preservation term (default {EsdConfig.retain_weight:g})",
     )
     add_output_arguments(esd)
     esd.set_defaults(func=esd_command)
 
 
-def config_from_args(args: argparse.Namespace) -> EsdConfig:
+def config_from_args(args: argparse.Namespace) -> tuple[EsdConfig, str]:
+    """The run's config and where its retain prompts came from."""
     try:
         low, high = (float(x) for x in args.timesteps.split(","))
     except ValueError:
         raise PromptError(
             f"--timesteps takes two fractions like 0,1, not {args.timesteps!r}"
         ) from None
-    return EsdConfig(
-        concepts=concepts_from_args(args),
+    concepts = concepts_from_args(args)
+    prompts = prompts_from_args(args, concepts)
+    config = EsdConfig(
+        concepts=concepts,
         mode=args.mode,
         kind=args.kind,
-        templates=templates_from_args(args),
+        templates=prompts.templates,
         rank=args.rank,
         steps=args.steps,
         lr=args.lr,
@@ -76,19 +88,21 @@ def config_from_args(args: argparse.Namespace) -> EsdConfig:
         sample_steps=args.sample_steps,
         t_range=(low, high),
         resolution=args.resolution,
-        retain_prompts=retain_prompts_from_args(args),
+        retain_prompts=prompts.retain,
+        check_prompts=prompts.check,
         retain_weight=args.retain_weight,
         seed=args.seed,
         device=args.device,
         name=args.name,
     )
+    return config, prompts.retain_source
 
 
 def esd_command(args: argparse.Namespace) -> int:
     from erasure.esd import erase_esd
     from patches.loading import load_pipeline
 
-    config = config_from_args(args)
+    config, retain_source = config_from_args(args)
     config.check()
     pipe = load_pipeline(args.model, args.dtype, args.device)
     result = erase_esd(pipe, config)
@@ -110,7 +124,14 @@ def esd_command(args: argparse.Namespace) -> int:
             if "retain_set_eps_drift" in r
             else ""
         )
+        + f"\n  {r['prompts']} concept prompts ("
+        + ("anchored target" if any(c.anchor for c in config.concepts) else "published target")
+        + f"), {config.steps} steps at lr {r['lr']:.2e}; retain prompts: {retain_source}"
     )
+    verdict = judge_patch(
+        r.get("check_drift", {}), r["concept_eps_shift"], retained=bool(config.retain_prompts)
+    )
+    print("\n".join(verdict.lines()))
     if args.json_out:
         from patches.atomic import atomic_write_json
 
@@ -121,6 +142,8 @@ def esd_command(args: argparse.Namespace) -> int:
             "peak_memory_kind": result.peak_memory_kind,
             "patch": {"path": args.output, "id": patch_id, "file_bytes": size},
             "report": r,
+            "retain_source": retain_source,
+            "verdict": verdict.to_dict(),
         }
         atomic_write_json(Path(args.json_out), summary)
     return 0

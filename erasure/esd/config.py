@@ -23,6 +23,12 @@ TARGET_MODULES: dict[str, dict[str, str]] = {
     },
 }
 MODES = ("x", "u")
+# Adam's step size falls as 1/width (muP), here the adapted layers' mean input width:
+# 1e-3 measured on MiniCanvas (mean width ~100, docs/BENCHMARKS.md); ~1.3e-4 on SD 1.x.
+LR_TIMES_WIDTH = 0.1
+# The preservation weight measured on MiniCanvas: 10 kept the other objects within a few
+# points of the base (1 changed nothing measurable, 30 cost erasure).
+RETAIN_WEIGHT = 10.0
 
 
 @dataclass
@@ -35,8 +41,11 @@ class EsdConfig:
     templates: tuple[str, ...] | None = None  # prompts naming the concept ({concept} slot)
     rank: int = 4
     steps: int = 200
-    lr: float = 1e-3
-    eta: float = 1.0  # negative guidance strength
+    lr: float | None = None  # None: LR_TIMES_WIDTH / the adapted layers' mean input width
+    # Negative guidance strength. None: 1 (published) against the empty prompt, 0 against an
+    # anchor - the anchored prompt's prediction itself; pushing past it (eta > 0) broke the
+    # gradient cells of MiniCanvas's circle (docs/ERASURE.md).
+    eta: float | None = None
     batch: int = 8
     sample_steps: int = 25  # DDIM steps of the trajectory x_t is drawn from
     sample_guidance: float = 3.0
@@ -45,12 +54,19 @@ class EsdConfig:
     # Beyond the published ESD: keep the base's prediction on unrelated prompts at the same
     # x_t (DuMo's preservation term). Off when empty; MiniCanvas measures what it buys.
     retain_prompts: tuple[str, ...] = ()
-    retain_weight: float = 1.0
+    retain_weight: float = RETAIN_WEIGHT
+    # Held out of training: the report's per-prompt drift (and the CLI's verdict).
+    check_prompts: tuple[str, ...] = ()
     seed: int = 0
     device: str = "cpu"
     name: str | None = None
     progress: bool = True
     extra: dict = field(default_factory=dict)
+
+    def resolved_eta(self) -> float:
+        if self.eta is not None:
+            return self.eta
+        return 0.0 if any(c.anchor for c in self.concepts) else 1.0
 
     def resolved_templates(self) -> tuple[str, ...]:
         return check_templates(self.templates or DEFAULT_TEMPLATES[self.kind])
@@ -60,7 +76,12 @@ class EsdConfig:
             raise PromptError("name at least one concept to erase")
         if self.mode not in MODES:
             raise PromptError(f"unknown ESD mode {self.mode!r}: choose x or u")
-        if self.rank < 1 or self.steps < 1 or self.lr <= 0 or self.batch < 1:
+        if (
+            self.rank < 1
+            or self.steps < 1
+            or self.batch < 1
+            or (self.lr is not None and self.lr <= 0)
+        ):
             raise PromptError("rank, steps and batch must be >= 1 and lr > 0")
         if self.retain_weight < 0:
             raise PromptError("retain weight must be >= 0")

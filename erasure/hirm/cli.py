@@ -10,11 +10,11 @@ from erasure.cli_args import (
     add_prompt_arguments,
     add_retain_arguments,
     concepts_from_args,
-    retain_prompts_from_args,
-    templates_from_args,
+    prompts_from_args,
 )
 from erasure.hirm.config import VARIANTS, HirmConfig
 from erasure.prompts import PromptError, read_pair_file
+from erasure.verdict import judge_patch
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -28,7 +28,6 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         ),
     )
     add_prompt_arguments(hirm)
-    hirm.add_argument("--anchor", action="append", default=[], help="super-category (HiRM-S)")
     hirm.add_argument("--variant", choices=VARIANTS, default="S")
     hirm.add_argument("--pairs", help="V: tab-separated 'with<TAB>without' prompt pairs")
     add_retain_arguments(
@@ -38,38 +37,50 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         weight_help="default 50 for R, 20 for S and V",
     )
     hirm.add_argument("--blocks", default="0", help="trainable blocks, e.g. 0 or 0,1")
-    hirm.add_argument("--steps", type=int, default=HirmConfig.steps)
-    hirm.add_argument("--lr", type=float, default=HirmConfig.lr)
+    hirm.add_argument(
+        "--steps",
+        type=int,
+        help="fixed step count (default: S and V train until the concept's states reach "
+        "their target, 20-200 steps; R 60)",
+    )
+    hirm.add_argument(
+        "--lr", type=float, help="Adam step size (default: 0.128 / the encoder's width)"
+    )
     hirm.add_argument("--scale", type=float, help="c (R: default 20x token norm; S: 1)")
     hirm.add_argument("--eta", type=float, default=HirmConfig.eta)
     add_output_arguments(hirm)
     hirm.set_defaults(func=hirm_command)
 
 
-def config_from_args(args: argparse.Namespace) -> HirmConfig:
+def config_from_args(args: argparse.Namespace) -> tuple[HirmConfig, str]:
+    """The run's config and where its retain prompts came from."""
     try:
         blocks = tuple(int(b) for b in args.blocks.split(","))
     except ValueError:
         raise PromptError(
             f"--blocks takes block indices like 0 or 0,1, not {args.blocks!r}"
         ) from None
-    return HirmConfig(
-        concepts=concepts_from_args(args),
+    concepts = concepts_from_args(args)
+    prompts = prompts_from_args(args, concepts)
+    config = HirmConfig(
+        concepts=concepts,
         variant=args.variant,
         kind=args.kind,
-        templates=templates_from_args(args),
+        templates=prompts.templates,
         blocks=blocks,
         steps=args.steps,
         lr=args.lr,
         scale=args.scale,
         eta=args.eta,
         pairs=read_pair_file(args.pairs) if args.pairs else None,
-        retain_prompts=retain_prompts_from_args(args),
+        retain_prompts=prompts.retain,
+        check_prompts=prompts.check,
         retain_weight=args.retain_weight,
         seed=args.seed,
         device=args.device,
         name=args.name,
     )
+    return config, prompts.retain_source
 
 
 def output_paths(output: Path, components: list[str]) -> list[Path]:
@@ -83,7 +94,7 @@ def hirm_command(args: argparse.Namespace) -> int:
     from erasure.hirm import erase_hirm
     from patches.loading import load_pipeline
 
-    config = config_from_args(args)
+    config, retain_source = config_from_args(args)
     config.check()
     pipe = load_pipeline(args.model, args.dtype, args.device)
     result = erase_hirm(pipe, config)
@@ -92,6 +103,17 @@ def hirm_command(args: argparse.Namespace) -> int:
     for patch, path in zip(result.patches, paths, strict=True):
         patch_id = patch.save(path)
         written.append({"path": str(path), "id": patch_id, "file_bytes": len(patch.to_bytes())})
+    verdicts = [
+        judge_patch(
+            r.get("check_drift", {}),
+            r["target_displacement"],
+            retained=bool(config.retain_prompts),
+            gap_left=None
+            if config.variant == "R"
+            else r["target_gap_after"] / max(r["target_gap_before"], 1e-12),
+        )
+        for r in result.reports
+    ]
     summary = {
         "method": "hirm",
         "variant": config.variant,
@@ -101,8 +123,13 @@ def hirm_command(args: argparse.Namespace) -> int:
         "peak_memory_kind": result.peak_memory_kind,
         "patches": written,
         "encoders": result.reports,
+        "retain_source": retain_source,
+        "verdict": [v.to_dict() for v in verdicts],
     }
     print_summary(summary)
+    for report, verdict in zip(result.reports, verdicts, strict=True):
+        prefix = f"{report['component']}: " if len(verdicts) > 1 else ""
+        print("\n".join(prefix + line for line in verdict.lines()))
     if args.json_out:
         from patches.atomic import atomic_write_json
 
@@ -130,4 +157,9 @@ def print_summary(summary: dict) -> None:
             f"{r['retain_drift']:>14.4f}{r['start_token_drift']:>13.2e}"
         )
     drift_on = summary["encoders"][0]["retain_drift_on"]
+    r0 = summary["encoders"][0]
+    print(
+        f"  {r0['prompts']} concept prompts, {r0['steps']} steps at lr {r0['lr']:.2e}; "
+        f"retain prompts: {summary['retain_source']}"
+    )
     print(f"  (relative changes of token states; retain drift measured on {drift_on})")

@@ -16,6 +16,14 @@ R_SCALE = 20.0
 # Retain weights measured on MiniCanvas (docs/BENCHMARKS.md): R's erase term is ~R_SCALE^2
 # larger than S's and V's at the start, so it needs a heavier retain term to keep the rest.
 RETAIN_WEIGHT = {"R": 50.0, "S": 20.0, "V": 20.0}
+# Adam's step size for hidden matrices falls as 1/width (muP): 1e-3 measured on MiniCanvas's
+# 128-wide encoder (docs/BENCHMARKS.md) gives 1.7e-4 for CLIP-L (768; published 5e-5-1e-4).
+LR_TIMES_WIDTH = 0.128
+# Relative distance to the target (after / before) at which S and V stop: MiniCanvas's tuned
+# patches (lr 1e-3, 60 steps) ended at 0.15-0.22 with every concept erased.
+GAP_TARGET = 0.2
+STEP_BOUNDS = (20, 200)
+R_STEPS = 60
 
 
 @dataclass
@@ -27,14 +35,19 @@ class HirmConfig:
     kind: Literal["object", "style"] = "object"  # picks the default templates
     templates: tuple[str, ...] | None = None  # with a {concept} slot
     blocks: tuple[int, ...] = (0,)  # trainable text-encoder blocks
-    steps: int = 60
-    lr: float = 1e-4
+    # None: S and V train until the erase gap has closed to GAP_TARGET of its start (between
+    # STEP_BOUNDS); R, whose target is never reached, trains R_STEPS.
+    steps: int | None = None
+    lr: float | None = None  # None: LR_TIMES_WIDTH / the encoder's width
     scale: float | None = None  # c: R default R_SCALE x token norm; S default 1
     eta: float = 1.0  # V: how far along the concept vector to move
     pairs: list[tuple[str, str]] | None = None  # V: explicit (with, without) prompt pairs
     retain_prompts: tuple[str, ...] = ()
     retain_weight: float | None = None  # default RETAIN_WEIGHT[variant]
     retain_batch: int = 64
+    # Held out of training: the report's per-prompt drift (and the CLI's verdict) comes from
+    # prompts the patch never saw.
+    check_prompts: tuple[str, ...] = ()
     seed: int = 0
     device: str = "cpu"
     name: str | None = None
@@ -43,6 +56,15 @@ class HirmConfig:
 
     def resolved_retain_weight(self) -> float:
         return self.retain_weight if self.retain_weight is not None else RETAIN_WEIGHT[self.variant]
+
+    def resolved_lr(self, width: int) -> float:
+        return self.lr if self.lr is not None else LR_TIMES_WIDTH / width
+
+    def step_range(self) -> tuple[int, int]:
+        """(least, most) steps: equal when fixed; S and V stop between them at GAP_TARGET."""
+        if self.steps is not None:
+            return self.steps, self.steps
+        return (R_STEPS, R_STEPS) if self.variant == "R" else STEP_BOUNDS
 
     def resolved_templates(self) -> tuple[str, ...]:
         return check_templates(self.templates or DEFAULT_TEMPLATES[self.kind])
@@ -61,6 +83,6 @@ class HirmConfig:
                 )
         if not self.blocks:
             raise PromptError("train at least one text-encoder block")
-        if self.steps < 1 or self.lr <= 0:
+        if (self.steps is not None and self.steps < 1) or (self.lr is not None and self.lr <= 0):
             raise PromptError("steps must be >= 1 and lr > 0")
         self.resolved_templates()

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from erasure.hirm.config import R_SCALE, HirmConfig
+from erasure.hirm.config import GAP_TARGET, R_SCALE, HirmConfig
 from erasure.measure import peak_memory, reset_peak_memory
 from erasure.prompts import expand, pairs
 from erasure.text_readout import (
@@ -134,37 +134,54 @@ class _SlotTrainer:
             else None
         )
         probe_h0 = self._states(p.probes)  # drift report when there is no retain set
+        check_h0 = self._states(list(c.check_prompts)) if c.check_prompts else None
         generator = torch.Generator().manual_seed(c.seed + 1)
-        optimizer = torch.optim.Adam(self.trainable, lr=c.lr)
-        first_loss = last_loss = None
-        bar = tqdm(
-            range(c.steps),
-            desc=f"HiRM-{c.variant} {self.slot.component}",
-            unit="step",
-            disable=not c.progress,
-            mininterval=1,
-        )
-        for _ in bar:
+        weight = c.resolved_retain_weight()
+
+        def step_loss() -> tuple[torch.Tensor, float]:
             h = read_states(self.encoder, ids, self.slot.layer)
             erase = _squared(h[:, 1:], targets[:, 1:]) / norm2
             empty = read_states(self.encoder, empty_ids, self.slot.layer)
             # The start token is one position of 77 in the empty prompt: held on its own too.
             keep = (_squared(empty, empty_h0) + _squared(h[:, 0], h0[:, 0])) / norm2
-            loss = erase + c.resolved_retain_weight() * keep
+            loss = erase + weight * keep
             if retain_ids is not None:
                 pick = torch.randperm(len(retain_ids), generator=generator)[: c.retain_batch]
                 pick = pick.to(c.device)
                 retained = read_states(self.encoder, retain_ids[pick], self.slot.layer)
-                loss = (
-                    loss + c.resolved_retain_weight() * _squared(retained, retain_h0[pick]) / norm2
-                )
+                loss = loss + weight * _squared(retained, retain_h0[pick]) / norm2
+            return loss, erase.item()
+
+        lr = c.resolved_lr(h0.shape[-1])
+        optimizer = torch.optim.Adam(self.trainable, lr=lr)
+        least, most = c.step_range()
+        first_loss = last_loss = erase_start = None
+        gap = 1.0
+        bar = tqdm(
+            total=most,
+            desc=f"HiRM-{c.variant} {self.slot.component}",
+            unit="step",
+            disable=not c.progress,
+            mininterval=1,
+        )
+        steps = 0
+        while steps < most and (steps < least or gap > GAP_TARGET):
+            loss, erase = step_loss()
+            erase_start = erase if erase_start is None else erase_start
+            # The erase term is a mean squared distance: its root tracks the relative gap.
+            gap = (erase / erase_start) ** 0.5 if erase_start > 0 else 0.0
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            steps += 1
             last_loss = loss.item()
             first_loss = last_loss if first_loss is None else first_loss
-            bar.set_postfix(loss=f"{last_loss:.4f}", refresh=False)
+            bar.update()
+            bar.set_postfix(loss=f"{last_loss:.4f}", gap=f"{gap:.3f}", refresh=False)
+        bar.close()
         report = self._report(h0, targets, retain_h0, retain_ids, probe_h0)
+        if check_h0 is not None:
+            report["check_drift"] = self._check_drift(check_h0)
         with torch.no_grad():
             empty = read_states(self.encoder, empty_ids, self.slot.layer)
         report["empty_prompt_drift"] = round(_relative_change(empty, empty_h0), 8)
@@ -173,6 +190,8 @@ class _SlotTrainer:
             layer=self.slot.layer,
             trained_parameters=sum(t.numel() for t in self.trainable),
             prompts=len(p.targets),
+            lr=lr,
+            steps=steps,
             loss_first=round(first_loss, 6),
             loss_last=round(last_loss, 6),
             seconds=round(time.perf_counter() - started, 3),
@@ -183,6 +202,16 @@ class _SlotTrainer:
             n: params[n].detach().to("cpu", self.base.dtype).contiguous() for n in self.names
         }
         return tensors, report
+
+    @torch.no_grad()
+    def _check_drift(self, check_h0: torch.Tensor) -> dict[str, float]:
+        """Per held-out check prompt: the relative change of its token states."""
+        h = self._states(list(self.config.check_prompts))
+        per_prompt = ((h - check_h0).norm(dim=-1) / check_h0.norm(dim=-1).clamp_min(1e-8)).mean(1)
+        return {
+            q: round(float(d), 6)
+            for q, d in zip(self.config.check_prompts, per_prompt, strict=True)
+        }
 
     @torch.no_grad()
     def _report(self, h0, targets, retain_h0, retain_ids, probe_h0) -> dict[str, Any]:
@@ -228,7 +257,7 @@ def erase_hirm(pipe: Any, config: HirmConfig) -> HirmResult:
                 tensors=tensors,
                 mode="override",
                 name=config.name,
-                params=_manifest_params(config, slot),
+                params=_manifest_params(config, slot, report),
                 eval={"text": report},
             )
         )
@@ -236,13 +265,14 @@ def erase_hirm(pipe: Any, config: HirmConfig) -> HirmResult:
     return HirmResult(made, reports, time.perf_counter() - started, peak, kind)
 
 
-def _manifest_params(config: HirmConfig, slot: EncoderSlot) -> dict[str, Any]:
+def _manifest_params(config: HirmConfig, slot: EncoderSlot, report: dict) -> dict[str, Any]:
     return {
         "variant": config.variant,
         "blocks": list(config.blocks),
         "layer": slot.layer,
-        "steps": config.steps,
-        "lr": config.lr,
+        # As run: the measured step count and the width-scaled step size when not given.
+        "steps": report["steps"],
+        "lr": report["lr"],
         "scale": config.scale,
         "eta": config.eta if config.variant == "V" else None,
         "seed": config.seed,

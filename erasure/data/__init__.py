@@ -1,0 +1,1 @@
+"""Data shipped with the erasure methods (the general retain set)."""
