@@ -83,7 +83,7 @@ def test_quality_cli_writes_the_documented_json(toy_model, tmp_path):
     )
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(result_path.read_text())
-    assert result["schema"] == "conceptguard.minicanvas.quality/1"
+    assert result["schema"] == "conceptguard.minicanvas.quality/2"
     assert set(result["base"]) >= {"style_acc", "object_acc", "synonym_acc", "implicit_acc"}
     assert set(result["gates"]) >= {"judge_style", "judge_object", "base_style", "all"}
     assert all(0.0 <= result["base"][k] <= 1.0 for k in ("style_acc", "object_acc"))

@@ -2,7 +2,9 @@
 
 For every variant and every concept: train the patch (timed), apply it, generate the held-out
 grid and the concept's synonym (and, for styles, implicit) cells with the same seeds as the
-base, score UA/IRA/CRA, remove it. Averages and worst cases per kind (objects, styles).
+base, score it (erasure_scores.py: the clean-erasure rate first, UA, IRA, CRA, degenerate
+images, distance to the anchor), remove it. Averages and worst cases per kind (objects,
+styles). The methods are sweep_methods.py's registry.
 `--multi a,b,c` also trains one patch erasing those concepts together and scores each of
 them with IRA/CRA counted on cells naming none of them. The base grid is generated once.
 
@@ -15,22 +17,19 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from bench.minicanvas.quality import (
-    PATCHED_FIELDS,
-    EvalSettings,
-    Evaluator,
-    concept_kind,
-    patched_block,
-    summarise,
-)
+from bench.minicanvas.erasure_scores import summarise, table_lines
+from bench.minicanvas.quality import EvalSettings, Evaluator, Judged, concept_kind
+from bench.minicanvas.sweep_methods import METHODS, SweepOptions, make_patches
 from bench.minicanvas.world import OBJECTS, STYLES
 
-SCHEMA = "conceptguard.minicanvas.sweep/1"
-# HiRM acceptance (issue 4): per-concept averages against the base on the same cells.
-CRITERIA = {"UA": 0.95, "IRA_drop": 0.05, "CRA_drop": 0.03, "UA_synonyms": 0.90}
+SCHEMA = "conceptguard.minicanvas.sweep/2"
+# Acceptance (issues 4 and 15): per-concept averages against the base on the same cells; the
+# erasure criteria count clean erasures only (a broken image is not an erased concept).
+CRITERIA = {"clean": 0.95, "IRA_drop": 0.05, "CRA_drop": 0.03, "clean_synonyms": 0.90}
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -38,11 +37,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "erasure-sweep", help="one patch per MiniCanvas concept: UA/IRA/CRA averaged"
     )
     sweep.add_argument("--model", default="models/minicanvas")
-    sweep.add_argument("--method", choices=("hirm", "esd", "stack"), default="hirm")
+    sweep.add_argument("--method", choices=sorted(METHODS), default="hirm")
     sweep.add_argument(
         "--variants",
         default="S,R",
-        help="comma-separated: hirm R,S,V; esd x,u; stack e.g. S+x",
+        help="comma-separated; " + "; ".join(f"{m.name}: {m.variants}" for m in METHODS.values()),
     )
     sweep.add_argument(
         "--concepts", default="all-objects,all-styles", help="names, all-objects, all-styles"
@@ -58,7 +57,23 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default=0.0,
         help="ESD preservation term on the other concepts' captions (0: off, the published ESD)",
     )
+    sweep.add_argument(
+        "--esd-reference",
+        choices=("anchor", "empty"),
+        default="anchor",
+        help="ESD target's reference prompt: the anchored prompt, or the empty one (published)",
+    )
     sweep.add_argument("--json", dest="json_out", help="write the result JSON here")
+    sweep.add_argument(
+        "--cache",
+        help="keep every patch made here and reuse those made before with the same settings "
+        "(e.g. a stack row reuses the HiRM and ESD rows' patches)",
+    )
+    sweep.add_argument(
+        "--grid",
+        help="write one PNG per variant here (PATH.<variant>.png): per concept, its cells at "
+        "the first seed - base, the base's anchor images, patched",
+    )
     sweep.add_argument(
         "--merge",
         nargs="+",
@@ -81,38 +96,12 @@ def _concept_list(spec: str) -> list[str]:
     return out
 
 
-def esd_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The sweep's ESD settings that differ from erasure_settings.py's."""
-    out: dict[str, Any] = {}
-    if args.esd_steps:
-        out["steps"] = args.esd_steps
-    if args.esd_retain_weight:
-        out.update(retain=True, retain_weight=args.esd_retain_weight)
-    return out
-
-
-def make_patches(
-    pipe: Any, method: str, variant: str, concepts: list[str], esd: dict[str, Any] | None = None
-):
-    """(patches, seconds to make them, method report) for MiniCanvas concepts.
-
-    hirm: variant R, S or V; esd: variant x or u; stack: "<hirm variant>+<esd mode>", the
-    HiRM patch then the ESD LoRA, as a tenant stack would hold them.
-    """
-    from bench.minicanvas.erasure_settings import esd_config, hirm_config
-    from erasure.esd import erase_esd
-    from erasure.hirm import erase_hirm
-
-    if method == "hirm":
-        result = erase_hirm(pipe, hirm_config(concepts, variant))
-        return result.patches, result.seconds, result.reports[0]
-    if method == "esd":
-        result = erase_esd(pipe, esd_config(concepts, variant, **(esd or {})))
-        return [result.patch], result.seconds, result.report
-    hirm_variant, _, esd_mode = variant.partition("+")
-    text, text_s, text_report = make_patches(pipe, "hirm", hirm_variant, concepts)
-    unet, unet_s, unet_report = make_patches(pipe, "esd", esd_mode, concepts, esd)
-    return text + unet, text_s + unet_s, {"hirm": text_report, "esd": unet_report}
+def _options(args: argparse.Namespace) -> SweepOptions:
+    return SweepOptions(
+        esd_steps=args.esd_steps,
+        esd_retain_weight=args.esd_retain_weight,
+        esd_reference=args.esd_reference,
+    )
 
 
 class Sweep:
@@ -120,35 +109,43 @@ class Sweep:
         self.pipe = pipe
         self.evaluator = Evaluator(pipe, judges, settings)
         self.base_grid = self.evaluator.judge(self.evaluator.grid(), "base_s")
+        self.rows: dict[str, list] = {}  # per variant: image rows for the PNG sheet
 
-    def measure(self, patches: list, concepts: list[str], joint: bool) -> dict[str, dict]:
-        ev = self.evaluator
-        for patch in patches:
-            patch.apply(self.pipe)
-        try:
-            grid = ev.judge(ev.grid(), "patched_s")
-            blocks = {}
-            for concept in concepts:
-                synonyms = ev.judge([c for c, _ in ev.synonym_cells(concept)], "patched_s")
-                implicit = None
-                if concept_kind(concept) == "style":
-                    implicit = ev.judge(ev.implicit_cells(concept), "patched_s")
-                erased = frozenset(concepts) if joint else frozenset()
-                blocks[concept] = patched_block(
-                    concept, self.base_grid, grid, synonyms, implicit, erased
-                )
-        finally:
-            for patch in reversed(patches):
-                patch.remove(self.pipe)
+    def measure(
+        self, patches: list, concepts: list[str], joint: bool, variant: str
+    ) -> dict[str, dict]:
+        blocks, grid = self.evaluator.measure(self.base_grid, patches, concepts, joint)
+        self._keep_rows(variant, concepts, grid)
         return blocks
+
+    def _keep_rows(self, variant: str, concepts: list[str], grid: Judged) -> None:
+        from bench.minicanvas.sheets import pick
+
+        first = self.evaluator.seeds()[0]
+        for concept in concepts:
+            anchors = self.evaluator.base_anchors(concept)
+            cells = [c for c in anchors.cells if c.seed == first]
+            self.rows.setdefault(variant, []).append(
+                [pick(self.base_grid, cells), pick(anchors, cells), pick(grid, cells)]
+            )
+
+    def write_sheets(self, stem: Path) -> list[Path]:
+        from bench.minicanvas.sheets import save_panels
+
+        written = []
+        for variant, rows in self.rows.items():
+            path = stem.with_name(f"{stem.name}.{variant.replace('+', '-')}.png")
+            save_panels(path, [[row[i] for row in rows] for i in range(3)])
+            written.append(path)
+        return written
 
 
 def _criteria(mean: dict) -> dict[str, bool]:
     return {
-        "UA": mean["UA"] >= CRITERIA["UA"],
+        "clean": mean["clean"] >= CRITERIA["clean"],
         "IRA": mean["IRA"] >= mean["IRA_base"] - CRITERIA["IRA_drop"],
         "CRA": mean["CRA"] >= mean["CRA_base"] - CRITERIA["CRA_drop"],
-        "UA_synonyms": mean["UA_synonyms"] >= CRITERIA["UA_synonyms"],
+        "clean_synonyms": mean["clean_synonyms"] >= CRITERIA["clean_synonyms"],
     }
 
 
@@ -168,7 +165,7 @@ def summarise_variant(per_concept: dict[str, dict]) -> dict[str, Any]:
 
 
 # Settings that must agree for sweeps to be joined (everything but the concept list).
-_SAME = ("model", "seeds", "steps", "guidance", "esd_steps", "esd_retain_weight")
+_SAME = ("model", "seeds", "steps", "guidance", *(f.name for f in fields(SweepOptions)))
 
 
 class MergeError(ValueError):
@@ -203,6 +200,9 @@ def merge_results(parts: list[dict], sources: list[str]) -> dict:
         result["variants"][variant] = summarise_variant(per_concept)
     if multis:
         result["multi"] = multis[0]
+    sheets = [p for part in parts for p in part.get("sheets", [])]
+    if sheets:
+        result["sheets"] = sheets
     result["config"] = {**first["config"], "concepts": concepts, "merged_from": sources}
     result["timings"] = {
         "parts": [part.get("timings", {}) for part in parts],
@@ -225,21 +225,23 @@ def run_sweep(args: argparse.Namespace) -> dict:
     sweep = Sweep(pipe, judges, settings)
     concepts = _concept_list(args.concepts)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    options = _options(args)
+    cache = Path(args.cache) if args.cache else None
     result: dict[str, Any] = {"schema": SCHEMA, "method": args.method, "variants": {}}
     for variant in variants:
         per_concept: dict[str, dict] = {}
         for i, concept in enumerate(concepts, 1):
-            patches, seconds, report = make_patches(
-                pipe, args.method, variant, [concept], esd_overrides(args)
-            )
-            block = sweep.measure(patches, [concept], joint=False)[concept]
-            block.update(make_seconds=round(seconds, 2), text=report)
+            made = make_patches(pipe, args.method, variant, [concept], options, cache)
+            block = sweep.measure(made.patches, [concept], False, variant)[concept]
+            block.update(make_seconds=round(made.seconds, 2), text=made.report)
             per_concept[concept] = block
             print(
                 f"[sweep] {args.method}-{variant} {i}/{len(concepts)} {concept}: "
-                f"UA {block['UA']:.3f} IRA {block['IRA']:.3f} (base {block['IRA_base']:.3f}) "
+                f"clean {block['clean']:.3f} (UA {block['UA']:.3f}) "
+                f"IRA {block['IRA']:.3f} (base {block['IRA_base']:.3f}) "
                 f"CRA {block['CRA']:.3f} (base {block['CRA_base']:.3f}) "
-                f"UA_syn {block['UA_synonyms']:.3f} make {seconds:.1f}s",
+                f"clean_syn {block['clean_synonyms']:.3f} degenerate {block['degenerate']:.3f} "
+                f"make {made.seconds:.1f}s",
                 flush=True,
             )
         result["variants"][variant] = summarise_variant(per_concept)
@@ -247,15 +249,13 @@ def run_sweep(args: argparse.Namespace) -> dict:
         joint = _concept_list(args.multi)
         result["multi"] = {}
         for variant in variants:
-            patches, seconds, report = make_patches(
-                pipe, args.method, variant, joint, esd_overrides(args)
-            )
-            blocks = sweep.measure(patches, joint, joint=True)
+            made = make_patches(pipe, args.method, variant, joint, options, cache)
+            blocks = sweep.measure(made.patches, joint, True, f"{variant}-joint")
             result["multi"][variant] = {
                 "concepts": joint,
                 "per_concept": blocks,
-                "make_seconds": round(seconds, 2),
-                "text": report,
+                "make_seconds": round(made.seconds, 2),
+                "text": made.report,
             }
     result["config"] = {
         "model": str(model),
@@ -263,13 +263,14 @@ def run_sweep(args: argparse.Namespace) -> dict:
         "steps": settings.steps,
         "guidance": settings.guidance,
         "concepts": concepts,
-        "esd_steps": args.esd_steps,
-        "esd_retain_weight": args.esd_retain_weight,
+        **options.record(),
     }
     result["timings"] = {
         **{k: round(v, 1) for k, v in sweep.evaluator.timings.items()},
         "total_s": round(time.perf_counter() - started, 1),
     }
+    if args.grid:
+        result["sheets"] = [str(p) for p in sweep.write_sheets(Path(args.grid))]
     return result
 
 
@@ -277,29 +278,24 @@ def print_table(result: dict) -> None:
     def pct(v):
         return "   -  " if v is None else f"{100 * v:5.1f}%"
 
-    fields = [f for f in PATCHED_FIELDS if f != "drift"]
-    print("variant kind    " + "".join(f"{f:>13}" for f in fields) + "   drift   make s")
+    rows, notes = {}, []
     for variant, summary in result["variants"].items():
         for kind in ("objects", "styles", "all"):
-            if kind not in summary:
-                continue
-            mean = summary[kind]["mean"]
-            cells = "".join(f"{pct(mean[f]):>13}" for f in fields)
-            print(
-                f"{variant:<8}{kind:<8}{cells}  {mean['drift']:.4f}  "
-                f"{summary['make_seconds']['mean']:6.1f}"
-            )
-            failed = [k for k, ok in summary[kind]["criteria"].items() if not ok]
-            print(
-                f"{'':16}criteria: {'all met' if not failed else 'NOT met: ' + ', '.join(failed)}"
-            )
+            if kind in summary:
+                rows[f"{variant} {kind} mean"] = summary[kind]["mean"]
+                failed = [k for k, ok in summary[kind]["criteria"].items() if not ok]
+                verdict = "all met" if not failed else "NOT met: " + ", ".join(failed)
+                notes.append(f"{variant} {kind}: criteria {verdict}")
+        notes.append(f"{variant}: make {summary['make_seconds']['mean']:.1f}s mean")
+    print("\n".join(table_lines(rows, label="variant")))
+    print("\n".join(notes))
     for variant, multi in result.get("multi", {}).items():
         print(f"joint patch ({variant}) erasing {', '.join(multi['concepts'])}:")
         for concept, block in multi["per_concept"].items():
             print(
-                f"  {concept:<10} UA {pct(block['UA'])}  IRA {pct(block['IRA'])} "
-                f"(base {pct(block['IRA_base'])})  CRA {pct(block['CRA'])} "
-                f"(base {pct(block['CRA_base'])})"
+                f"  {concept:<10} clean {pct(block['clean'])}  UA {pct(block['UA'])}  "
+                f"IRA {pct(block['IRA'])} (base {pct(block['IRA_base'])})  "
+                f"CRA {pct(block['CRA'])} (base {pct(block['CRA_base'])})"
             )
     timings = result["timings"]
     if "parts" in timings:

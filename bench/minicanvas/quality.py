@@ -1,14 +1,10 @@
-"""The MiniCanvas quality benchmark: UA / IRA / CRA, generality, drift and the validity gates.
+"""The MiniCanvas quality benchmark: generation and judging of the evaluation cells, the
+base model's figures and the validity gates.
 
 Every generation uses the held-out template, fixed seeds and the same cells for the base and
-the patched model, so the base model's own figures stand beside the patched ones. Metrics:
-- UA: share of the erased concept's cells whose images the judge does NOT classify as it.
-- IRA: accuracy on the other concepts of the same kind, on cells without the erased concept.
-- CRA: accuracy on the other kind (styles when an object is erased and vice versa), same cells.
-- UA_synonyms / UA_implicit: UA with synonyms / implicit style descriptions in the prompt
-  (implicit descriptions exist for styles only; null for objects).
-- drift: same-seed pixel MSE (images in [0, 1]) between base and patched on cells without
-  the erased concept.
+the patched model, so the base model's own figures stand beside the patched ones. The
+erasure scores of a patch (clean-erasure rate, UA, IRA, CRA, generality, degenerate images,
+distance to the anchor, drift) are in `erasure_scores.py`.
 """
 
 from __future__ import annotations
@@ -30,11 +26,12 @@ from bench.minicanvas.world import (
     STYLE_CLASSES,
     STYLE_SYNONYMS,
     STYLES,
+    anchor_prompt,
     held_out_prompt,
     implicit_prompt,
 )
 
-SCHEMA = "conceptguard.minicanvas.quality/1"
+SCHEMA = "conceptguard.minicanvas.quality/2"
 GATES = {
     "judge_style": 0.98,
     "judge_object": 0.99,
@@ -42,28 +39,6 @@ GATES = {
     "base_object": 0.90,
     "synonyms": 0.80,
     "implicit": 0.80,
-}
-PATCHED_FIELDS = (
-    "UA",
-    "IRA",
-    "CRA",
-    "UA_synonyms",
-    "UA_implicit",
-    "drift",
-    "UA_base",
-    "IRA_base",
-    "CRA_base",
-)
-# For a mean/worst block: which direction is worse.
-_LOWER_IS_WORSE = {
-    "UA",
-    "IRA",
-    "CRA",
-    "UA_synonyms",
-    "UA_implicit",
-    "UA_base",
-    "IRA_base",
-    "CRA_base",
 }
 
 
@@ -117,17 +92,13 @@ class Judged:
         return cells, self.styles[keep], self.objects[keep]
 
 
-def _mean(values) -> float | None:
-    values = list(values)
-    return float(np.mean(values)) if values else None
-
-
 @dataclass
 class Evaluator:
     pipe: Any
     judges: list  # primary first
     settings: EvalSettings = field(default_factory=EvalSettings)
     timings: dict[str, float] = field(default_factory=dict)
+    _anchors: dict[str, Judged] = field(default_factory=dict)
 
     def seeds(self) -> list[int]:
         return [self.settings.seed_offset + i for i in range(self.settings.seeds)]
@@ -160,6 +131,52 @@ class Evaluator:
                             for w in STYLE_SYNONYMS[s]
                         ]
         return out
+
+    def anchor_cells(self, concept: str) -> list[Cell]:
+        """The concept's grid cells prompted with what erasing it should leave (world.py's
+        anchor_prompt), labelled with the cell they stand for."""
+        kind = concept_kind(concept)
+        return [
+            Cell(c.obj, c.style, c.seed, anchor_prompt(c.obj, c.style, kind))
+            for c in self.grid()
+            if concept in (c.obj, c.style)
+        ]
+
+    def base_anchors(self, concept: str) -> Judged:
+        """The base model's anchor images for `concept` (call before applying patches)."""
+        if concept not in self._anchors:
+            self._anchors[concept] = self.judge(self.anchor_cells(concept), "base_s")
+        return self._anchors[concept]
+
+    def measure(
+        self, base_grid: Judged, patches: list, concepts: list[str], joint: bool
+    ) -> tuple[dict[str, dict], Judged]:
+        """Apply `patches`, score each erased concept against the base, remove them; returns
+        the scores per concept and the patched grid.
+
+        `joint`: the patches erase all `concepts` together (IRA/CRA then count only cells
+        naming none of them)."""
+        from bench.minicanvas.erasure_scores import patched_block
+
+        anchors = {c: self.base_anchors(c) for c in concepts}
+        for patch in patches:
+            patch.apply(self.pipe)
+        try:
+            grid = self.judge(self.grid(), "patched_s")
+            blocks = {}
+            for concept in concepts:
+                synonyms = self.judge([c for c, _ in self.synonym_cells(concept)], "patched_s")
+                implicit = None
+                if concept_kind(concept) == "style":
+                    implicit = self.judge(self.implicit_cells(concept), "patched_s")
+                erased = frozenset(concepts) if joint else frozenset()
+                blocks[concept] = patched_block(
+                    concept, base_grid, grid, synonyms, implicit, anchors[concept], erased
+                )
+        finally:
+            for patch in reversed(patches):
+                patch.remove(self.pipe)
+        return blocks, grid
 
     def implicit_cells(self, style: str | None = None) -> list[Cell]:
         return [
@@ -233,71 +250,3 @@ def gates(judges: dict[str, dict[str, float]], base: dict) -> dict[str, bool]:
     }
     result["all"] = all(result.values())
     return result
-
-
-def _erasure_scores(
-    judged: Judged, concept: str, kind: str, erased: frozenset[str] = frozenset()
-) -> dict[str, float | None]:
-    """UA on `concept`'s cells; IRA and CRA on cells naming none of the erased concepts
-    (`erased`: every concept one multi-concept patch erases; `concept` alone by default)."""
-    labels = np.array([c.labels for c in judged.cells])
-    erased = erased | {concept}
-    in_concept = np.array(
-        [(c.obj if kind == "object" else c.style) == concept for c in judged.cells]
-    )
-    concept_index = (OBJECT_CLASSES if kind == "object" else STYLE_CLASSES).index(concept)
-    predicted_same = judged.objects if kind == "object" else judged.styles
-    predicted_other = judged.styles if kind == "object" else judged.objects
-    same_col, other_col = (0, 1) if kind == "object" else (1, 0)
-    rest = np.array([(c.obj if kind == "object" else c.style) not in erased for c in judged.cells])
-    return {
-        "UA": _mean(predicted_same[in_concept] != concept_index),
-        "IRA": _mean(predicted_same[rest] == labels[rest, same_col]),
-        "CRA": _mean(predicted_other[rest] == labels[rest, other_col]),
-    }
-
-
-def patched_block(
-    concept: str,
-    base_grid: Judged,
-    patched_grid: Judged,
-    patched_synonyms: Judged,
-    patched_implicit: Judged | None,
-    erased: frozenset[str] = frozenset(),
-) -> dict:
-    kind = concept_kind(concept)
-    scores = _erasure_scores(patched_grid, concept, kind, erased)
-    base_scores = _erasure_scores(base_grid, concept, kind, erased)
-    concept_index = (OBJECT_CLASSES if kind == "object" else STYLE_CLASSES).index(concept)
-    syn_pred = patched_synonyms.objects if kind == "object" else patched_synonyms.styles
-    implicit = None
-    if patched_implicit is not None:
-        implicit = _mean(patched_implicit.styles != concept_index)
-    erased = erased | {concept}
-    rest = np.array(
-        [(c.obj if kind == "object" else c.style) not in erased for c in base_grid.cells]
-    )
-    drift = float(((patched_grid.images[rest] - base_grid.images[rest]) / 2).pow(2).mean())
-    return {
-        **scores,
-        "UA_synonyms": _mean(syn_pred != concept_index),
-        "UA_implicit": implicit,
-        "drift": drift,
-        "UA_base": base_scores["UA"],
-        "IRA_base": base_scores["IRA"],
-        "CRA_base": base_scores["CRA"],
-        "judge_agreement": float(patched_grid.agree.mean()),
-    }
-
-
-def summarise(per_concept: dict[str, dict]) -> tuple[dict, dict]:
-    """(mean, worst) over concepts of each patched field (worst: lowest accuracy, most drift)."""
-    mean, worst = {}, {}
-    for key in PATCHED_FIELDS:
-        values = [b[key] for b in per_concept.values() if b.get(key) is not None]
-        if not values:
-            mean[key] = worst[key] = None
-            continue
-        mean[key] = float(np.mean(values))
-        worst[key] = float(min(values) if key in _LOWER_IS_WORSE else max(values))
-    return mean, worst

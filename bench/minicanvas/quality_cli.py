@@ -8,19 +8,14 @@ import hashlib
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
+from bench.minicanvas.erasure_scores import summarise, table_lines
 from bench.minicanvas.quality import (
-    PATCHED_FIELDS,
     SCHEMA,
     EvalSettings,
     Evaluator,
     base_block,
     concept_kind,
     gates,
-    patched_block,
-    summarise,
 )
 from bench.minicanvas.world import OBJECTS, STYLES
 
@@ -46,6 +41,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     quality.add_argument("--json", dest="json_out", help="write the result JSON here")
     quality.add_argument("--grid", help="write the PNG sample grid here")
+    quality.add_argument(
+        "--negative-control",
+        action="store_true",
+        help="instead of --patch, train and score a deliberately degenerate patch that turns "
+        "the concept's images into black frames (negative_control.py): UA calls it a perfect "
+        "erasure, the clean-erasure rate must not",
+    )
     quality.set_defaults(func=quality_command)
 
 
@@ -82,27 +84,12 @@ def _concepts(concept: str | None, settings: EvalSettings) -> list[str]:
 
 
 def write_grid(path: Path, evaluator: Evaluator, base, patched=None) -> None:
-    from PIL import Image
+    """Rows objects, columns styles at the first seed; base left, patched right."""
+    from bench.minicanvas.sheets import grid_panels, save_panels
 
     s = evaluator.settings
-    first_seed = evaluator.seeds()[0]
-
-    def sheet(judged) -> np.ndarray:
-        lookup = {(c.obj, c.style): i for i, c in enumerate(judged.cells) if c.seed == first_seed}
-        rows = []
-        for o in s.objects:
-            row = [judged.images[lookup[(o, st)]] for st in s.styles]
-            rows.append(
-                torch.cat([torch.nn.functional.pad(x, (1, 1, 1, 1), value=1) for x in row], 2)
-            )
-        return ((torch.cat(rows, 1) + 1) * 127.5).clamp(0, 255).byte().permute(1, 2, 0).numpy()
-
-    parts = [sheet(base)]
-    if patched is not None:
-        gap = np.full((parts[0].shape[0], 8, 3), 255, np.uint8)
-        parts += [gap, sheet(patched)]
-    image = Image.fromarray(np.concatenate(parts, 1))
-    image.resize((image.width * 3, image.height * 3), Image.NEAREST).save(path)
+    judged = [base] if patched is None else [base, patched]
+    save_panels(path, grid_panels(judged, s.objects, s.styles, evaluator.seeds()[0]))
 
 
 def run_quality(args) -> dict:
@@ -114,8 +101,10 @@ def run_quality(args) -> dict:
     started = time.perf_counter()
     settings = _settings(args)
     concepts = _concepts(args.concept, settings)
-    if args.patch and not concepts:
+    if (args.patch or args.negative_control) and not concepts:
         raise SystemExit("conceptguard: --patch needs --concept (what the patches erase)")
+    if args.negative_control and (args.patch or len(concepts) != 1):
+        raise SystemExit("conceptguard: --negative-control takes one --concept and no --patch")
     model = Path(args.model)
     pipe = StableDiffusionPipeline.from_pretrained(model, local_files_only=True)
     judges = [
@@ -137,26 +126,15 @@ def run_quality(args) -> dict:
         "gates": gates(judge_report, base),
     }
     patches = [Patch.load(p) for p in args.patch]
+    if args.negative_control:
+        from bench.minicanvas.negative_control import blackout_patch
+
+        patches = [blackout_patch(pipe, concepts[0])]
     patched_grid = None
     if patches:
-        for patch in patches:
-            patch.apply(pipe)
-        try:
-            patched_grid = evaluator.judge(evaluator.grid(), "patched_s")
-            per_concept = {}
-            # A comma list names what one patch stack erases together.
-            erased = frozenset(concepts) if "," in (args.concept or "") else frozenset()
-            for concept in concepts:
-                syn = evaluator.judge([c for c, _ in evaluator.synonym_cells(concept)], "patched_s")
-                implicit = None
-                if concept_kind(concept) == "style":
-                    implicit = evaluator.judge(evaluator.implicit_cells(concept), "patched_s")
-                per_concept[concept] = patched_block(
-                    concept, base_grid, patched_grid, syn, implicit, erased
-                )
-        finally:
-            for patch in reversed(patches):
-                patch.remove(pipe)
+        # A comma list names what one patch stack erases together.
+        joint = "," in (args.concept or "")
+        per_concept, patched_grid = evaluator.measure(base_grid, patches, concepts, joint)
         if len(concepts) == 1:
             result["patched"] = per_concept[concepts[0]]
         else:
@@ -211,19 +189,20 @@ def print_table(result: dict) -> None:
     blocks = {}
     if "patched" in result:
         blocks[result["concept"]] = result["patched"]
-    for name in ("per_concept",):
-        blocks.update(result.get(name, {}))
+    blocks.update(result.get("per_concept", {}))
     if "mean" in result:
         blocks["MEAN"], blocks["WORST"] = result["mean"], result["worst"]
     if blocks:
-        header = "concept".ljust(12) + "".join(f"{f:>12}" for f in PATCHED_FIELDS)
-        print(header)
+        print("\n".join(table_lines(blocks)))
         for name, block in blocks.items():
-            cells = []
-            for f in PATCHED_FIELDS:
-                v = block.get(f)
-                cells.append(f"{v:12.5f}" if f == "drift" and v is not None else f"{pct(v):>12}")
-            print(name.ljust(12) + "".join(cells))
+            counts = block.get("degenerate_counts")
+            if counts:
+                flagged = ", ".join(f"{k} {v}" for k, v in counts.items() if k != "cells" and v)
+                print(
+                    f"{name}: degenerate images on its {counts['cells']} cells: "
+                    f"{flagged or 'none'}; anchor distance {block['anchor_distance']:.4f} "
+                    f"(base {block['anchor_distance_base']:.4f})"
+                )
     print("timings: " + ", ".join(f"{k} {v}s" for k, v in result["timings"].items()))
 
 
