@@ -4,10 +4,12 @@ One server (loopback only), the same request mix in three phases, alternated eve
 cancel drift on a shared machine:
   (a) one tenant holding one U-Net LoRA patch (ESD-x shaped: cross-attention, rank 4);
   (b) 16 tenants, each holding a distinct one (ranks 1-4);
-  (c) 16 tenants mixing a HiRM-shaped text-encoder patch, a LoRA, both, and none.
-Reported: images/s per phase (median over rounds), the ratios (b)/(a) and (c)/(a), denoiser
-calls per diffusion step of every batch (from each response's record: 1.0 when every
-tenant's patches share one call), and the memory an adapter slot holds in a worker.
+  (c) 16 tenants mixing a HiRM-shaped text-encoder patch, a LoRA, both, and none;
+  (d) one tenant holding a DuMo eraser (a unet_module: every row carries the module);
+  (e) 16 tenants, half of them holding a DuMo eraser (the module runs on their rows only).
+Reported: images/s per phase (median over rounds), the ratios to (a), denoiser calls per
+diffusion step of every batch (from each response's record: 1.0 when every tenant's
+patches share one call), and the memory an adapter slot holds in a worker.
 
     conceptguard bench mixed-stacks --json docs/results/mixed_stacks_cpu.json
     conceptguard bench mixed-stacks --sd15-shaped /tmp/sd15 --device cuda --dtype float16 \
@@ -26,9 +28,12 @@ PHASES = {
     "a_one_tenant_one_lora": "one tenant, one LoRA",
     "b_16_tenants_distinct_loras": "16 tenants, distinct LoRAs",
     "c_16_tenants_mixed": "16 tenants: HiRM, LoRA, both, none",
+    "d_one_tenant_dumo": "one tenant, a DuMo module",
+    "e_16_tenants_half_dumo": "16 tenants, 8 with a DuMo module",
 }
 LORA_TENANTS = [f"l{i:02d}" for i in range(16)]
 MIXED_TENANTS = [f"m{i:02d}" for i in range(16)]
+MODULE_TENANTS = [f"d{i:02d}" for i in range(16)]
 PROMPTS = [
     "a drawing of a circle in neon style",
     "a square in dots style",
@@ -39,13 +44,16 @@ PROMPTS = [
 
 def _patches(pipe) -> dict[str, list]:
     """Each tenant's stack: real patch files with seeded noise where a method would edit."""
-    from bench.synthetic_patches import lora_noise_patch, noise_patch
+    from bench.synthetic_patches import dumo_noise_patch, lora_noise_patch, noise_patch
 
     loras = [lora_noise_patch(pipe, seed=100 + i, rank=1 + i % 4) for i in range(16)]
     texts = [noise_patch(pipe, seed=200 + i) for i in range(16)]
     stacks = {tenant: [lora] for tenant, lora in zip(LORA_TENANTS, loras, strict=True)}
     for i, tenant in enumerate(MIXED_TENANTS):
         stacks[tenant] = [[texts[i]], [loras[i]], [texts[i], loras[i]], []][i % 4]
+    modules = [dumo_noise_patch(pipe, seed=300 + i) for i in range(8)]
+    for i, tenant in enumerate(MODULE_TENANTS):
+        stacks[tenant] = [modules[i // 2]] if i % 2 == 0 else [loras[i]]
     return stacks
 
 
@@ -79,7 +87,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         model = str(save_sd15_shaped(args.sd15_shaped, args.dtype))
     else:
         model = args.model or str(default_model_path())
-    print(f"model {model}; making {len(LORA_TENANTS) + len(MIXED_TENANTS)} tenants' patches")
+    count = len(LORA_TENANTS) + len(MIXED_TENANTS) + len(MODULE_TENANTS)
+    print(f"model {model}; making {count} tenants' patches")
     pipe = load_pipeline(model, args.dtype)
     stacks = _patches(pipe)
     memory = _slot_memory(pipe, stacks)
@@ -88,6 +97,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "a_one_tenant_one_lora": LORA_TENANTS[:1],
         "b_16_tenants_distinct_loras": LORA_TENANTS,
         "c_16_tenants_mixed": MIXED_TENANTS,
+        "d_one_tenant_dumo": MODULE_TENANTS[:1],
+        "e_16_tenants_half_dumo": MODULE_TENANTS,
     }
 
     def jobs(tenants: list[str]) -> list[tuple[str, dict[str, Any]]]:
@@ -100,7 +111,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     batching = {"max_batch_size": args.batch, "batch_timeout_s": 0.05}
     rounds: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="cg-mixed-stacks-") as folder:
-        tenants = LORA_TENANTS + MIXED_TENANTS
+        tenants = LORA_TENANTS + MIXED_TENANTS + MODULE_TENANTS
         server = start_bench_server(Path(folder), model, tenants, args.workers, batching, extra)
         try:
             pushed: dict[str, str] = {}
@@ -143,6 +154,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "images_per_s": median,
         "ratio_b_over_a": round(median["b_16_tenants_distinct_loras"] / base, 4),
         "ratio_c_over_a": round(median["c_16_tenants_mixed"] / base, 4),
+        "ratio_d_over_a": round(median["d_one_tenant_dumo"] / base, 4),
+        "ratio_e_over_a": round(median["e_16_tenants_half_dumo"] / base, 4),
         "denoiser_calls_per_step_max": max(
             r[n]["denoiser_calls_per_step"]["max"] for r in rounds for n in PHASES
         ),
@@ -156,7 +169,8 @@ def print_table(result: dict[str, Any]) -> None:
     for name, label in PHASES.items():
         calls = max(r[name]["denoiser_calls_per_step"]["max"] for r in result["rounds"])
         print(f"({name[0]}) {label:<36} {result['images_per_s'][name]:>8.2f} {calls:>11.2f}")
-    print(f"ratio (b)/(a): {result['ratio_b_over_a']}   ratio (c)/(a): {result['ratio_c_over_a']}")
+    ratios = ", ".join(f"({x})/(a) {result[f'ratio_{x}_over_a']}" for x in "bcde")
+    print(f"ratios: {ratios}")
     memory = result["adapter_slots"]
     print(
         f"adapter slots: {memory['slots']} x {memory['bytes_per_slot']} bytes over "

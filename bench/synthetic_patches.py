@@ -61,3 +61,27 @@ def lora_noise_patch(pipe: Any, seed: int, rank: int = 4, mode: str = "x") -> Pa
         tensors=tensors,
         params={"rank": rank, "esd_mode": mode},
     )
+
+
+def dumo_noise_patch(pipe: Any, seed: int, width: float = 1.0) -> Patch:
+    """A unet_module patch (DuMo's eraser, module type dumo_epr) of the size a trained one
+    has: the U-Net's own down path and mid block, seeded random output convolutions, the
+    prompt gate open for every prompt (what costs the most: the module runs on its rows)."""
+    from patches.skip_eraser import SkipEraser, initialised_from
+
+    config = {"width": width, "buckets": 20}
+    module = initialised_from(pipe.unet, SkipEraser(dict(pipe.unet.config), config))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for conv in [*module.skip_outs, module.mid_out]:
+            noise = torch.randn(conv.weight.shape, generator=generator)
+            conv.weight.copy_(0.01 * noise.to(conv.weight))
+    return Patch.create(
+        pipe=pipe,
+        kind="unet_module",
+        component="unet",
+        method="bench-dumo",
+        concepts=[f"module{seed}"],
+        tensors=module.state_tensors(),
+        params={"module_type": "dumo_epr", "module_config": config},
+    )
