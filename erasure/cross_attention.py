@@ -10,7 +10,8 @@ keys and values, the token vectors they read, the solve over them, and the patch
   norm; the inputs are captured with hooks from transformer forwards (seeded latents, a few
   fixed noise levels, the same for target and anchor prompts). A progressive solve (ErasePro)
   edits block by block on a copy and recaptures each block's target inputs through the
-  blocks already edited; a one-shot solve (UCE) reads them all from the original.
+  blocks already edited; a one-shot solve (UCE) reads them all from the original. Anchor and
+  retain inputs always come from the original.
 
 Edits are dense deltas of rank <= the number of constraints; they are written as a
 `unet_lora` patch whose lora_A / lora_B are each delta's exact SVD factors
@@ -224,8 +225,8 @@ def solve_end_point(
 ) -> EndPointEdit:
     """Solve every layer of `layers` (module doc). `progressive`: where inputs depend on
     edited layers (Flux), edit attention by attention on a copy and recapture the next
-    one's target inputs (and retain Gram) through the edited ones; else read all from the
-    original denoiser."""
+    one's target inputs through the edited ones; else read them all from the original
+    denoiser. The retain prompts' inputs come from the original: where they should stay."""
     source = input_source(pipe, seed)
     original = getattr(pipe, denoiser_component(pipe))
     recapture = progressive and source.reads_edits
@@ -234,10 +235,9 @@ def solve_end_point(
     rows = source.rows(pairs)
     deltas, records = {}, []
     fixed_targets = None if recapture else source.inputs(original, targets, layers)
-    fixed_grams = None if recapture else source.gram(original, retain, layers)
+    grams = source.gram(original, retain, layers)
     for group in _groups(layers):
         target_inputs = fixed_targets or source.inputs(work, targets, group)
-        grams = fixed_grams or source.gram(work, retain, group)
         for path in group:
             w0 = original.get_submodule(path).weight.detach().float().cpu()
             x, y = rows.gather(target_inputs[path], anchor_inputs[path])

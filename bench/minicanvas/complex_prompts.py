@@ -103,6 +103,8 @@ def score(cells: list[ComplexCell], judged, degenerate: np.ndarray, concept: str
     families = np.array([c.family for c in cells])
     for family in (*FAMILIES["object" if is_object else "style"], "all"):
         pick = np.ones(len(cells), bool) if family == "all" else families == family
+        if not pick.any():
+            continue
         out[family] = {
             "UA": float(missed[pick].mean()),
             "kept": float(kept[pick].mean()),
@@ -156,6 +158,46 @@ class ComplexBench:
         return score(cells, judged, self._degenerate(judged, concept, reference), concept)
 
 
+def styles_only(evaluator, patches: list) -> dict:
+    """Object-free style prompts ("a stripes pattern"), every style x seed: the style
+    accuracy and the share of images with no object, base and with `patches` applied. What
+    a patch erasing every object must still draw."""
+    from bench.minicanvas.quality import Cell
+    from bench.minicanvas.world import NONE_OBJECT, PATTERN_TEMPLATES
+
+    cells = [
+        Cell(NONE_OBJECT, style, seed, PATTERN_TEMPLATES[0].format(style=style))
+        for style in STYLES
+        for seed in evaluator.seeds()
+    ]
+    none = OBJECT_CLASSES.index(NONE_OBJECT)
+    styles = np.array([c.labels[1] for c in cells])
+
+    def scores(judged) -> dict:
+        return {
+            "style_acc": float((judged.styles == styles).mean()),
+            "no_object": float((judged.objects == none).mean()),
+            "images": len(cells),
+        }
+
+    base = scores(evaluator.judge(cells, "base_s"))
+    for patch in patches:
+        patch.apply(evaluator.pipe)
+    try:
+        patched = scores(evaluator.judge(cells, "patched_s"))
+    finally:
+        for patch in reversed(patches):
+            patch.remove(evaluator.pipe)
+    return {"base": base, "patched": patched}
+
+
+def _concepts(spec: str) -> list[str]:
+    out: list[str] = []
+    for item in spec.split(","):
+        out += {"all-objects": list(OBJECTS), "all-styles": list(STYLES)}.get(item, [item])
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from diffusers import StableDiffusionPipeline
 
@@ -166,8 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="conceptguard bench complex-prompts")
     parser.add_argument("--model", default="models/minicanvas")
     parser.add_argument("--method", action="append", required=True, help="METHOD:VARIANT")
-    parser.add_argument("--concepts", default="all-objects,all-styles")
+    parser.add_argument("--concepts", default="all-objects,all-styles", help="'' for none")
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument(
+        "--joint",
+        help="also one patch per --method erasing all these concepts together (e.g. "
+        "all-objects): its grid and complex-cell scores per concept and, for objects, the "
+        "style accuracy on object-free style prompts",
+    )
     parser.add_argument("--json", dest="json_out")
     args = parser.parse_args(argv)
     rows = [tuple(m.split(":", 1)) for m in args.method]
@@ -175,9 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or any(len(r) != 2 for r in rows):
         print(f"conceptguard: --method takes METHOD:VARIANT of {sorted(METHODS)}", file=sys.stderr)
         return 2
-    concepts = []
-    for item in args.concepts.split(","):
-        concepts += {"all-objects": list(OBJECTS), "all-styles": list(STYLES)}.get(item, [item])
+    concepts = _concepts(args.concepts) if args.concepts else []
     started = time.perf_counter()
     model = Path(args.model)
     pipe = StableDiffusionPipeline.from_pretrained(model, local_files_only=True)
@@ -199,6 +245,23 @@ def main(argv: list[str] | None = None) -> int:
                 + f" (base all {100 * result['base'][concept]['all']['UA']:.0f}%)",
                 flush=True,
             )
+    if args.joint:
+        result["joint"] = {}
+        joint = _concepts(args.joint)
+        for method, variant in rows:
+            made = make_patches(pipe, method, variant, joint, SweepOptions())
+            grid, _ = evaluator.measure(base_grid, made.patches, joint, True)
+            entry: dict[str, Any] = {
+                "concepts": joint,
+                "make_seconds": round(made.seconds, 2),
+                "grid": grid,
+                "complex": {c: bench.patched_scores(c, base_grid, made.patches) for c in joint},
+                "complex_base": {c: bench.base_scores(c, base_grid) for c in joint},
+            }
+            if all(c in OBJECTS for c in joint):
+                entry["styles_only"] = styles_only(evaluator, made.patches)
+            result["joint"][f"{method}:{variant}"] = entry
+            _print_joint(f"{method}:{variant}", entry)
     result["means"] = _means(result)
     result["config"] = {"model": str(model), "seeds": evaluator.seeds(), "concepts": concepts}
     result["timings"] = {"total_s": round(time.perf_counter() - started, 1)}
@@ -228,6 +291,26 @@ def _means(result: dict) -> dict:
                 for f in families
             }
     return out
+
+
+def _print_joint(name: str, entry: dict) -> None:
+    grid = entry["grid"]
+    print(
+        f"[joint] {name}, one patch for {len(entry['concepts'])} concepts "
+        f"({entry['make_seconds']:.1f} s): clean "
+        + ", ".join(f"{c} {100 * b['clean']:.0f}%" for c, b in grid.items())
+        + "; UA "
+        + ", ".join(f"{c} {100 * b['UA']:.0f}%" for c, b in grid.items())
+    )
+    if "styles_only" in entry:
+        only = entry["styles_only"]
+        print(
+            f"[joint] {name} object-free style prompts: style accuracy "
+            f"{100 * only['patched']['style_acc']:.1f}% "
+            f"(base {100 * only['base']['style_acc']:.1f}%), "
+            f"no object {100 * only['patched']['no_object']:.1f}% "
+            f"(base {100 * only['base']['no_object']:.1f}%)"
+        )
 
 
 def print_table(result: dict) -> None:
