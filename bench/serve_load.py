@@ -20,6 +20,14 @@ stacks keep changing on both sides of the model. Checks:
   tenant with the new stack) and "next batch" (to the start of each worker's next batch, any
   tenant), and checks that no batch started after an assignment used the old stack.
 
+With `--mode hostile` a fifth tenant attacks meanwhile (bench/serve_hostile.py): it sends
+malformed and oversized requests (`--hostile-rate` per second), holds connections that stop
+in their headers or body, and the admin gives it a new stack of `--stack-size` patches every
+`--stack-interval` seconds. `--mode both` alternates quiet and hostile windows of
+`--window` seconds on one server (so both phases see the same machine, whatever else runs on
+it) and compares them: none of the four tenants' requests may fail, and their p99 latency
+while under attack must stay within 1.5x of the quiet windows'.
+
 Prints a table and writes JSON (`--out`).
 """
 
@@ -191,31 +199,56 @@ def analyse(samples: list[Sample], registrations: list[Registration], histories:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from bench.serve_harness import start_bench_server
+    from bench.serve_harness import start_bench_server, tenant_key
+    from bench.serve_hostile import (
+        HOSTILE_TENANT,
+        HostileTenant,
+        StackChurner,
+        compare,
+        phase_figures,
+        windows_for,
+    )
     from bench.synthetic_patches import lora_noise_patch, noise_patch
     from patches.loading import load_pipeline
     from server.default_model import default_model_path
+    from server.generation import native_size
 
     model = args.model or str(default_model_path())
+    hostile = args.mode != "quiet"
     pipe = load_pipeline(model)
+    native = native_size(pipe)
     patches = [
         noise_patch(pipe, seed=100 + i) if i % 2 else lora_noise_patch(pipe, 100 + i, 1 + i % 4)
         for i in range(int(args.seconds / args.interval) + 8)
     ]
     initial = [noise_patch(pipe, seed=10 + i) for i in range(len(TENANTS))]
+    # The hostile tenant's stacks: rotations of a pool of both kinds, each one new.
+    pool = [
+        noise_patch(pipe, seed=500 + i) if i % 2 else lora_noise_patch(pipe, 500 + i, 4)
+        for i in range(2 * args.stack_size if hostile else 0)
+    ]
     del pipe
+    windows = windows_for(args.seconds, args.window, args.mode)
     with tempfile.TemporaryDirectory(prefix="cg-serve-load-") as folder:
         batching = {"max_batch_size": args.batch, "batch_timeout_s": 0.02}
-        server = start_bench_server(Path(folder), model, TENANTS, args.workers, batching)
+        # The hostile tenant is configured whatever the mode: the same server in each.
+        tenants = [*TENANTS, HOSTILE_TENANT]
+        server = start_bench_server(Path(folder), model, tenants, args.workers, batching)
         try:
             for tenant, patch in zip(TENANTS, initial, strict=True):
                 server.push(patch.to_bytes(), f"initial-{tenant}")
                 server.assign(tenant, [patch.id])
+            pool_ids = [server.push(p.to_bytes(), f"hostile-{i}")["id"] for i, p in enumerate(pool)]
+            attacker = HostileTenant(
+                server.url, server.port, tenant_key(HOSTILE_TENANT), native, args.hostile_rate
+            )
+            churner = StackChurner(server.assign, pool_ids, args.stack_size, args.stack_interval)
             body = {"steps": args.steps, "n": 1}
             samples: list[Sample] = []
             registrations: list[Registration] = []
             lock = threading.Lock()
-            stop = time.monotonic() + args.seconds
+            t0 = time.monotonic()
+            stop = t0 + args.seconds
             threads = [
                 threading.Thread(target=_client, args=(server, i, body, stop, samples, lock))
                 for i in range(args.clients)
@@ -227,6 +260,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             for thread in threads:
                 thread.start()
+            for _, end, phase in windows:
+                if phase == "hostile":
+                    attack = [*attacker.run(t0 + end), churner.run(t0 + end)]
+                    for thread in attack:
+                        thread.join(timeout=args.seconds + 60)
+                else:
+                    time.sleep(max(0.0, t0 + end - time.monotonic()))  # a quiet window
             for thread in threads:
                 thread.join(timeout=args.seconds + 300)
             histories = {t: server.admin("GET", f"/v1/tenants/{t}")["history"] for t in TENANTS}
@@ -235,6 +275,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result = analyse(samples, registrations, histories)
     result.update(
         model=model,
+        mode=args.mode,
         seconds=args.seconds,
         clients=args.clients,
         workers=args.workers,
@@ -242,23 +283,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         max_batch_size=args.batch,
         interval_s=args.interval,
     )
+    phases = sorted({phase for _, _, phase in windows})
+    result["phases"] = {phase: phase_figures(samples, windows, t0, phase) for phase in phases}
+    if hostile:
+        counts: dict[str, dict[str, int]] = {}
+        for (label, status), count in sorted(attacker.results.items()):
+            counts.setdefault(label, {})[str(status)] = count
+        result["hostile"] = {
+            "windows_s": [[round(a, 1), round(b, 1)] for a, b, p in windows if p == "hostile"],
+            "requests": sum(attacker.results.values()),
+            "rate_per_s": args.hostile_rate,
+            "answers": counts,
+            "unexpected": attacker.unexpected[:20],
+            "unexpected_count": len(attacker.unexpected),
+            "stalled_connections_held": attacker.stalled,
+            "stalled_connections_closed_by_server": attacker.reopened,
+            "stacks_assigned": churner.assigned,
+            "stack_size": churner.size,
+            "stack_interval_s": args.stack_interval,
+        }
+    if args.mode == "both":
+        result["comparison"] = compare(result["phases"]["quiet"], result["phases"]["hostile"])
+        result["comparison"]["hostile_unexpected"] = len(attacker.unexpected)
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="diffusers folder (default: the embedded model)")
-    parser.add_argument("--seconds", type=float, default=60.0)
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=8, help="max batch size")
-    parser.add_argument("--interval", type=float, default=1.0, help="seconds between patches")
-    parser.add_argument("--out", default="docs/results/serve_load.json")
-    args = parser.parse_args(argv)
-    result = run(args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+def _table(result: dict[str, Any]) -> list[tuple[str, Any]]:
     rows = [
         ("requests (failed)", f"{result['requests']} ({result['failed']})"),
         ("wrong / stale stacks", f"{result['wrong_stack']} / {result['stale_stack']}"),
@@ -275,12 +325,62 @@ def main(argv: list[str] | None = None) -> int:
         ("next batch p50 / p99", f"{result['next_batch_p50_s']} / {result['next_batch_p99_s']} s"),
         ("old stack after pick-up", result["old_stack_in_later_batch"]),
     ]
-    for name, value in rows:
-        print(f"{name:<28} {value}")
-    print(f"written to {args.out}")
+    for phase, figures in result["phases"].items():
+        rows.append(
+            (
+                f"{phase}: requests (failed)",
+                f"{figures['requests']} ({figures['failed']}) in {figures['seconds']} s",
+            )
+        )
+        latency = f"{figures['latency_p50_s']} / {figures['latency_p99_s']} s"
+        rows.append((f"{phase}: latency p50 / p99", latency))
+    if "hostile" in result:
+        hostile = result["hostile"]
+        refused = hostile["unexpected"] or "all refused 4xx"
+        rows.append(("hostile requests", f"{hostile['requests']} ({refused})"))
+        rows.append(("hostile stacks assigned", hostile["stacks_assigned"]))
+        rows.append(
+            ("hostile slow connections cut", hostile["stalled_connections_closed_by_server"])
+        )
+    if "comparison" in result:
+        rows.append(("others p99 hostile / quiet", result["comparison"]["p99_ratio"]))
+    return rows
+
+
+def _passed(result: dict[str, Any]) -> bool:
     ok = not (result["failed"] or result["wrong_stack"] or result["stale_stack"])
     ok = ok and not result["old_stack_in_later_batch"]
-    return 0 if ok else 1
+    if "comparison" in result:
+        comparison = result["comparison"]
+        ok = ok and comparison["p99_within_1.5x"] and not comparison["hostile_unexpected"]
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="diffusers folder (default: the embedded model)")
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=8, help="max batch size")
+    parser.add_argument("--interval", type=float, default=1.0, help="seconds between patches")
+    parser.add_argument("--mode", choices=("quiet", "hostile", "both"), default="quiet")
+    parser.add_argument("--window", type=float, default=15.0, help="--mode both: window s")
+    parser.add_argument("--hostile-rate", type=float, default=20.0, help="bad requests per s")
+    parser.add_argument("--stack-size", type=int, default=16, help="hostile stacks' patches")
+    parser.add_argument("--stack-interval", type=float, default=2.0, help="s between them")
+    parser.add_argument("--out", help="JSON output (default docs/results/serve_load[_MODE].json)")
+    args = parser.parse_args(argv)
+    suffix = {"quiet": "", "hostile": "_hostile_only", "both": "_hostile"}[args.mode]
+    out = Path(args.out or f"docs/results/serve_load{suffix}.json")
+    result = run(args)
+    for name, value in _table(result):
+        print(f"{name:<32} {value}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"written to {out}")
+    return 0 if _passed(result) else 1
 
 
 if __name__ == "__main__":

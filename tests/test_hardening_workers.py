@@ -11,7 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import text_encoder_patch
+from conftest import run_conceptguard, text_encoder_patch
 from server_process import port_is_open
 from server_watch import health, metric, the_worker, wait_for
 from tenant_server import start_tenant_server
@@ -119,6 +119,19 @@ def test_health_fails_while_no_tenant_can_be_served(server, tiny_sd, tmp_path):
     finally:
         for tenant in tenants:
             server.admin("PUT", f"/v1/tenants/{tenant}", json={"patches": []})
+
+
+def test_serve_can_require_an_existing_registry(tmp_path, sd_model_path):
+    location = tmp_path / "registry"
+    serve = ("serve", "--model", str(sd_model_path), "--registry", str(location))
+    refused = run_conceptguard(*serve, "--registry-create", "never")
+    assert refused.returncode == 2, refused.stderr
+    assert "RegistryStateMissing: there is no registry here" in refused.stderr
+    assert not location.exists()  # nothing was created
+    init = ("registry", "--dir", str(location), "init", "--exist-ok")
+    assert run_conceptguard(*init).returncode == 0
+    again = run_conceptguard(*init)
+    assert again.returncode == 0 and "a registry exists at" in again.stdout
 
 
 def test_sigterm_with_hung_requests_stops_within_20_s(server):
