@@ -75,15 +75,17 @@ def main(argv: list[str] | None = None) -> int:
         "methods": {},
     }
     for method in args.methods.split(","):
-        seconds, memory = [], []
+        seconds, cpu, memory = [], [], []
         for repeat in range(args.repeats + 1):  # the first run warms up kernels and allocators
             result, made = _run(pipe, method, args.device)
             if repeat:
                 seconds.append(result.seconds)
+                cpu.append(result.cpu_seconds)
                 memory.append(result.peak_memory_bytes)
         summary["methods"][method] = {
             "seconds": seconds,
             "seconds_median": statistics.median(seconds),
+            "cpu_seconds": cpu,
             "peak_memory_bytes": max(memory),
             "peak_memory_kind": result.peak_memory_kind,
             "patch_bytes": sum(len(p.to_bytes()) for p in made),
@@ -94,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{method} on an SD-1.5-shaped model ({args.device}): median "
             f"{statistics.median(seconds):.2f} s over {len(seconds)} runs "
-            f"({', '.join(f'{s:.2f}' for s in seconds)}), peak memory "
+            f"({', '.join(f'{s:.2f}' for s in seconds)}; CPU time "
+            f"{', '.join(f'{s:.2f}' for s in cpu)}), peak memory "
             f"{max(memory) / 2**20:.0f} MiB ({result.peak_memory_kind}), "
             f"{len(result.layers)} layers, rank {min(ranks)}-{max(ranks)}, "
             f"{result.pairs} aligned token pairs"

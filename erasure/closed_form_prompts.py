@@ -16,6 +16,8 @@ class ClosedFormPrompts:
     kind: Literal["object", "style"] = "object"  # picks the default templates
     templates: tuple[str, ...] | None = None  # with a {concept} slot
     retain_prompts: tuple[str, ...] = ()
+    # Held out of the retain set: the verdict's drift is measured on them (erasure/verdict.py).
+    check_prompts: tuple[str, ...] = ()
     positions: str = "all"  # erasure/token_pairs.py: span, content or all
     seed: int = 0  # Flux: the latents its inputs are captured at
     device: str = "cpu"

@@ -5,14 +5,26 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from erasure.verdict import Verdict, judge_patch
 from patches.atomic import atomic_write_json
+
+
+def verdicts(checks: list[dict[str, Any]], retained: bool) -> list[dict[str, Any]]:
+    """erasure/verdict.py's verdict per patch, from the method's shift and drift figures."""
+    return [
+        judge_patch(
+            c["check_drift"], c["concept_shift"], retained=retained, gap_left=c.get("gap_left")
+        ).to_dict()
+        for c in checks
+    ]
 
 
 def print_report(summary: dict[str, Any]) -> None:
     mib = summary["peak_memory_bytes"] / 2**20
     label = "GPU allocated" if summary["peak_memory_kind"] == "cuda_allocated" else "process RSS"
     print(
-        f"{summary['title']} for {', '.join(summary['concepts'])}: {summary['seconds']:.2f} s, "
+        f"{summary['title']} for {', '.join(summary['concepts'])}: {summary['seconds']:.2f} s "
+        f"({summary['cpu_seconds']:.2f} s of CPU), "
         f"peak memory {mib:.0f} MiB ({label}); {summary['pairs']} aligned token pairs from "
         f"{summary['prompts']} prompt pairs; retain prompts: {summary['retain_source']}"
     )
@@ -46,6 +58,8 @@ def print_report(summary: dict[str, Any]) -> None:
         "  (residual: |W X - T| / |T| over every aligned token; imposed: on the constraints "
         "solved exactly)"
     )
+    for verdict in summary.get("verdicts", []):
+        print("\n".join(Verdict(**verdict).lines()))
 
 
 def write_json(path: str | None, summary: dict[str, Any]) -> None:

@@ -105,6 +105,9 @@ class TextStates:
     def rows(self, pairs: TokenPairs) -> TokenPairs:
         return pairs
 
+    def per_prompt(self, values: torch.Tensor) -> torch.Tensor:
+        return values
+
 
 class FluxContext:
     """Flux: the context projections' inputs, captured from transformer forwards."""
@@ -181,6 +184,16 @@ class FluxContext:
         self._run(denoiser, prompts, layers, add)
         return grams
 
+    def per_prompt(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-row values of `inputs` averaged per prompt (over the noise levels)."""
+        levels, prompt_of = len(FLUX_SIGMAS), []
+        for start in range(0, self.prompts, BATCH):
+            count = min(BATCH, self.prompts - start)
+            prompt_of += list(range(start, start + count)) * levels
+        index = torch.tensor(prompt_of)
+        total = torch.zeros(self.prompts).index_add_(0, index, values.float().cpu())
+        return total / levels
+
     def rows(self, pairs: TokenPairs) -> TokenPairs:
         """`pairs` re-indexed to the rows of `inputs` (each batch once per noise level)."""
         levels, out = len(FLUX_SIGMAS), []
@@ -210,6 +223,24 @@ def _groups(layers: Sequence[str]) -> list[list[str]]:
 class EndPointEdit:
     deltas: dict[str, torch.Tensor]  # module path -> [out, in]
     rows: list[dict[str, Any]]  # per layer, in forward order: the solve's figures
+    concept_shift: float  # relative change of the layers' outputs on the concept's prompts
+    check_drift: dict[str, float]  # the same per held-out check prompt
+
+
+def _output_change(source, original, prompts: list[str], layers, deltas) -> torch.Tensor:
+    """Per prompt: the edits' relative change of each layer's output, averaged over tokens
+    and layers, on the original inputs."""
+    inputs = source.inputs(original, prompts, layers)
+    total = None
+    for path in layers:
+        w0 = original.get_submodule(path).weight.detach().float().cpu()
+        parts = []
+        for chunk in inputs[path].split(BATCH):
+            base = (chunk @ w0.T).norm(dim=-1).clamp_min(1e-8)
+            parts.append(((chunk @ deltas[path].T).norm(dim=-1) / base).mean(1))
+        per_row = torch.cat(parts)
+        total = per_row if total is None else total + per_row
+    return source.per_prompt(total / len(layers))
 
 
 def solve_end_point(
@@ -222,11 +253,13 @@ def solve_end_point(
     solve: LayerSolve,
     progressive: bool,
     seed: int = 0,
+    check: Sequence[str] = (),
 ) -> EndPointEdit:
     """Solve every layer of `layers` (module doc). `progressive`: where inputs depend on
     edited layers (Flux), edit attention by attention on a copy and recapture the next
     one's target inputs through the edited ones; else read them all from the original
-    denoiser. The retain prompts' inputs come from the original: where they should stay."""
+    denoiser. The retain prompts' inputs come from the original: where they should stay.
+    `check`: held-out prompts whose output change is reported beside the concept's."""
     source = input_source(pipe, seed)
     original = getattr(pipe, denoiser_component(pipe))
     recapture = progressive and source.reads_edits
@@ -250,7 +283,12 @@ def solve_end_point(
                 for path in group:
                     weight = work.get_submodule(path).weight
                     weight += deltas[path].to(weight.device, weight.dtype)
-    return EndPointEdit(deltas, records)
+    shift = float(_output_change(source, original, targets, layers, deltas).mean())
+    drift = {}
+    if check:
+        values = _output_change(source, original, list(check), layers, deltas)
+        drift = dict(zip(check, values.tolist(), strict=True))
+    return EndPointEdit(deltas, records, shift, drift)
 
 
 def lora_patch(

@@ -62,7 +62,8 @@ def uce_row(pipe: Any, variant: str, concepts: list[str]):
     from erasure.uce import erase_uce
 
     result = erase_uce(pipe, uce_config(concepts, variant))
-    return Made([result.patch], result.seconds, {"layers": result.layers})
+    report = {"layers": result.layers, "cpu_seconds": result.cpu_seconds}
+    return Made([result.patch], result.seconds, report)
 
 
 def erasepro_row(pipe: Any, variant: str, concepts: list[str]):
@@ -71,5 +72,9 @@ def erasepro_row(pipe: Any, variant: str, concepts: list[str]):
     from erasure.erasepro import erase_erasepro
 
     result = erase_erasepro(pipe, erasepro_config(concepts, variant))
-    report = {"layers": result.layers, "readouts": result.readouts}
+    report = {
+        "layers": result.layers,
+        "readouts": result.readouts,
+        "cpu_seconds": result.cpu_seconds,
+    }
     return Made(result.patches, result.seconds, report)

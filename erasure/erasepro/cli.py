@@ -84,6 +84,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[EraseProConfig, str]:
         kind=args.kind,
         templates=prompts.templates,
         retain_prompts=prompts.retain,
+        check_prompts=prompts.check,
         positions=args.positions,
         chain=args.chain,
         blocks=blocks,
@@ -98,7 +99,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[EraseProConfig, str]:
 
 
 def erasepro_command(args: argparse.Namespace) -> int:
-    from erasure.closed_form_report import print_report, write_json
+    from erasure.closed_form_report import print_report, verdicts, write_json
     from erasure.erasepro import erase_erasepro
     from erasure.hirm.cli import output_paths
     from patches.loading import load_pipeline
@@ -119,6 +120,7 @@ def erasepro_command(args: argparse.Namespace) -> int:
         "chain": config.chain,
         "concepts": [c.name for c in config.concepts],
         "seconds": round(result.seconds, 3),
+        "cpu_seconds": round(result.cpu_seconds, 3),
         "peak_memory_bytes": result.peak_memory_bytes,
         "peak_memory_kind": result.peak_memory_kind,
         "prompts": len(targets),
@@ -128,6 +130,7 @@ def erasepro_command(args: argparse.Namespace) -> int:
         "layers": result.layers,
         "readouts": result.readouts,
     }
+    summary["verdicts"] = verdicts(result.checks, retained=bool(config.retain_prompts))
     print_report(summary)
     write_json(args.json_out, summary)
     return 0

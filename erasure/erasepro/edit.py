@@ -39,7 +39,12 @@ class EraseProResult:
     patches: list[Patch]  # text chain: one per text encoder; unet chain: one
     layers: list[dict[str, Any]]  # per edited layer, shallow to deep
     pairs: int  # aligned token pairs (per encoder for the text chain)
+    # Per patch, for the verdict: the concept's prompts' shift, each held-out check
+    # prompt's drift (text chain: of the final states; unet chain: of the edited layers'
+    # outputs) and, for the text chain, the share of the distance to the anchor left.
+    checks: list[dict[str, Any]]
     seconds: float
+    cpu_seconds: float  # this process's CPU time: the cost on a machine shared with others
     peak_memory_bytes: int
     peak_memory_kind: str
     readouts: list[dict[str, Any]] = field(default_factory=list)  # text chain, per encoder
@@ -63,7 +68,11 @@ def _text_chain(pipe: Any, config: EraseProConfig) -> tuple[list[Patch], list, l
         encoder, tokenizer = getattr(pipe, slot.component), getattr(pipe, slot.tokenizer)
         pairs = config.token_pairs(tokenizer)
         retain_ids = token_ids(tokenizer, config.retain(), encoder.device)
-        deltas, rows, readout = run_chain(encoder, slot, pairs, retain_ids, config)
+        check = list(config.check_prompts)
+        check_ids = token_ids(tokenizer, check, encoder.device) if check else None
+        deltas, rows, readout = run_chain(encoder, slot, pairs, retain_ids, config, check_ids)
+        if check:
+            readout["check_drift"] = dict(zip(check, readout["check_drift"], strict=True))
         layers += rows
         readouts.append(readout)
         made.append(
@@ -83,7 +92,7 @@ def _text_chain(pipe: Any, config: EraseProConfig) -> tuple[list[Patch], list, l
     return made, layers, readouts, len(pairs)
 
 
-def _unet_chain(pipe: Any, config: EraseProConfig) -> tuple[list[Patch], list, int]:
+def _unet_chain(pipe: Any, config: EraseProConfig) -> tuple[list[Patch], list, int, list]:
     layers = kv_layers(pipe)
     targets, anchors = config.prompt_pairs()
     pairs = config.token_pairs(*text_tokens(pipe))
@@ -92,7 +101,16 @@ def _unet_chain(pipe: Any, config: EraseProConfig) -> tuple[list[Patch], list, i
         return zero_residual(w0, x, target, gram, config.preserve_weight, config.rcond)
 
     edit = solve_end_point(
-        pipe, layers, targets, anchors, pairs, config.retain(), solve, True, config.seed
+        pipe,
+        layers,
+        targets,
+        anchors,
+        pairs,
+        config.retain(),
+        solve,
+        progressive=True,
+        seed=config.seed,
+        check=list(config.check_prompts),
     )
     rows = edit.rows
     patch, ranks = lora_patch(
@@ -106,20 +124,29 @@ def _unet_chain(pipe: Any, config: EraseProConfig) -> tuple[list[Patch], list, i
     )
     for row in rows:
         row.update(ranks.get(row["layer"], {"rank": 0, "dropped": 0.0}))
-    return [patch], rows, len(pairs)
+    checks = {"concept_shift": edit.concept_shift, "check_drift": edit.check_drift}
+    return [patch], rows, len(pairs), [checks]
 
 
 def erase_erasepro(pipe: Any, config: EraseProConfig) -> EraseProResult:
     """ErasePro for `config.concepts` on `pipe` (module doc)."""
     config.check()
     reset_peak_memory(config.device)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     readouts: list[dict[str, Any]] = []
     with torch.no_grad():
         if config.chain == "text":
             made, layers, readouts, pairs = _text_chain(pipe, config)
+            checks = [
+                {
+                    "concept_shift": r["concept_shift"],
+                    "check_drift": r.get("check_drift", {}),
+                    "gap_left": r["readout_gap_after"] / max(r["readout_gap_before"], 1e-12),
+                }
+                for r in readouts
+            ]
         else:
-            made, layers, pairs = _unet_chain(pipe, config)
+            made, layers, pairs, checks = _unet_chain(pipe, config)
     peak, kind = peak_memory(config.device)
-    seconds = time.perf_counter() - started
-    return EraseProResult(made, layers, pairs, seconds, peak, kind, readouts)
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    return EraseProResult(made, layers, pairs, checks, seconds, cpu, peak, kind, readouts)

@@ -102,9 +102,11 @@ def run_chain(
     pairs: TokenPairs,
     retain_ids: torch.Tensor,
     config: EraseProConfig,
+    check_ids: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], dict[str, Any]]:
     """Edit `base`'s chain progressively (on a float32 copy); returns the weight deltas by
-    parameter name (float32, on the CPU), a report per layer, and the readout figures."""
+    parameter name (float32, on the CPU), a report per layer, and the readout figures
+    (with `check_ids`, the held-out check prompts' drift too)."""
     original = copy.deepcopy(base).float().eval()
     work = copy.deepcopy(original)
     list_name, block_list = find_block_list(work)
@@ -117,6 +119,7 @@ def run_chain(
     device = next(work.parameters()).device
     pairs = pairs.to(device)
     retain_ids = retain_ids.to(device)
+    check_ids = None if check_ids is None else check_ids.to(device)
     anchors = capture(original, pairs.anchor_ids, blocks)
     # The retain prompts' inputs as the original encoder makes them: where they should stay,
     # and one pass for every block (the retain set is often the largest prompt set).
@@ -163,14 +166,22 @@ def run_chain(
         )
     last = capture(work, pairs.target_ids, blocks[-1:])[blocks[-1]]
     layers[-1]["stream_gap_after"] = _gap(pairs, last["output"], anchors[blocks[-1]]["output"])
-    readout = _readout(original, work, slot, pairs, retain_ids)
+    readout = _readout(original, work, slot, pairs, retain_ids, check_ids)
     return deltas, layers, readout
 
 
+def _per_prompt_change(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """Per prompt, the mean relative change of its token states."""
+    return ((new - old).norm(dim=-1) / old.norm(dim=-1).clamp_min(1e-8)).mean(1)
+
+
 @torch.no_grad()
-def _readout(original, work, slot: EncoderSlot, pairs: TokenPairs, retain_ids) -> dict[str, Any]:
+def _readout(
+    original, work, slot: EncoderSlot, pairs: TokenPairs, retain_ids, check_ids
+) -> dict[str, Any]:
     """What the denoiser will read: how far the target's aligned tokens still are from the
-    anchor's, and how far retain prompts moved (relative norms)."""
+    anchor's, how far the concept's prompts and the retain prompts moved (relative norms),
+    and per check prompt how far it moved."""
 
     def states(encoder, ids):
         return torch.cat(
@@ -181,14 +192,21 @@ def _readout(original, work, slot: EncoderSlot, pairs: TokenPairs, retain_ids) -
         )
 
     anchor = states(original, pairs.anchor_ids)
-    before = _gap(pairs, states(original, pairs.target_ids), anchor)
-    after = _gap(pairs, states(work, pairs.target_ids), anchor)
+    target_before, target_after = states(original, pairs.target_ids), states(work, pairs.target_ids)
     kept = states(original, retain_ids)
-    drift = float((states(work, retain_ids) - kept).norm() / kept.norm())
-    return {
+    out = {
         "component": slot.component,
         "readout": slot.layer,
-        "readout_gap_before": before,
-        "readout_gap_after": after,
-        "retain_drift": drift,
+        "readout_gap_before": _gap(pairs, target_before, anchor),
+        "readout_gap_after": _gap(pairs, target_after, anchor),
+        "retain_drift": float((states(work, retain_ids) - kept).norm() / kept.norm()),
+        # Positions 1..: the start token is the same in every prompt.
+        "concept_shift": float(
+            _per_prompt_change(target_after[:, 1:], target_before[:, 1:]).mean()
+        ),
     }
+    if check_ids is not None:
+        out["check_drift"] = _per_prompt_change(
+            states(work, check_ids), states(original, check_ids)
+        ).tolist()
+    return out

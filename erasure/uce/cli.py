@@ -57,7 +57,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def uce_command(args: argparse.Namespace) -> int:
-    from erasure.closed_form_report import print_report, write_json
+    from erasure.closed_form_report import print_report, verdicts, write_json
     from erasure.uce import erase_uce
     from patches.loading import load_pipeline
 
@@ -68,6 +68,7 @@ def uce_command(args: argparse.Namespace) -> int:
         kind=args.kind,
         templates=prompts.templates,
         retain_prompts=prompts.retain,
+        check_prompts=prompts.check,
         positions=args.positions,
         lam=args.lam,
         preserve_scale=args.retain_weight,
@@ -85,6 +86,7 @@ def uce_command(args: argparse.Namespace) -> int:
         "method": "uce",
         "concepts": [c.name for c in concepts],
         "seconds": round(result.seconds, 3),
+        "cpu_seconds": round(result.cpu_seconds, 3),
         "peak_memory_bytes": result.peak_memory_bytes,
         "peak_memory_kind": result.peak_memory_kind,
         "prompts": len(targets),
@@ -95,6 +97,7 @@ def uce_command(args: argparse.Namespace) -> int:
         ],
         "layers": result.layers,
     }
+    summary["verdicts"] = verdicts([result.checks], retained=bool(config.retain_prompts))
     print_report(summary)
     write_json(args.json_out, summary)
     return 0

@@ -28,7 +28,11 @@ class UceResult:
     patch: Patch
     layers: list[dict[str, Any]]  # per layer: residuals, ||dW||, condition, rank
     pairs: int  # aligned token pairs
+    # For the verdict: the change of the edited layers' outputs on the concept's prompts
+    # and on each held-out check prompt (relative).
+    checks: dict[str, Any]
     seconds: float
+    cpu_seconds: float  # this process's CPU time: the cost on a machine shared with others
     peak_memory_bytes: int
     peak_memory_kind: str
 
@@ -37,7 +41,7 @@ def erase_uce(pipe: Any, config: UceConfig) -> UceResult:
     """UCE for `config.concepts` on `pipe`'s denoiser; returns one unet_lora patch."""
     config.check()
     reset_peak_memory(config.device)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     layers = kv_layers(pipe)
     targets, anchors = config.prompt_pairs()
     pairs = config.token_pairs(*text_tokens(pipe))
@@ -47,7 +51,15 @@ def erase_uce(pipe: Any, config: UceConfig) -> UceResult:
 
     with torch.no_grad():
         edit = solve_end_point(
-            pipe, layers, targets, anchors, pairs, config.retain(), solve, progressive=False
+            pipe,
+            layers,
+            targets,
+            anchors,
+            pairs,
+            config.retain(),
+            solve,
+            progressive=False,
+            check=list(config.check_prompts),
         )
     report = edit.rows
     patch, ranks = lora_patch(
@@ -62,4 +74,6 @@ def erase_uce(pipe: Any, config: UceConfig) -> UceResult:
     for row in report:
         row.update(ranks.get(row["layer"], {"rank": 0, "dropped": 0.0}))
     peak, kind = peak_memory(config.device)
-    return UceResult(patch, report, len(pairs), time.perf_counter() - started, peak, kind)
+    checks = {"concept_shift": edit.concept_shift, "check_drift": edit.check_drift}
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    return UceResult(patch, report, len(pairs), checks, seconds, cpu, peak, kind)
