@@ -8,8 +8,10 @@ response buffer, which the forked API process does not share. Here:
 - a worker that dies is replaced (a fresh process loads the model; /health is 503 until it
   is ready); its requests are answered 503 WorkerLost by the API process, which watches the
   workers itself (server/worker_health.py, server/images_spec.py);
-- a replacement that fails its setup stops the server with a non-zero exit (`failure`), so
-  the orchestrator restarts it rather than a half-working pod lingering;
+- a replacement that fails its setup, or a worker slot that dies `MAX_DEATHS` times within
+  `DEATH_WINDOW_S` (a crash loop: out of memory while loading, say), stops the server with a
+  non-zero exit (`failure`), so the orchestrator restarts it rather than a half-working pod
+  lingering;
 - stopping (SIGTERM, Ctrl+C) tells the API process to answer every waiting request 503
   ShuttingDown at once, stops the workers within seconds (SIGKILL for ones that ignore
   SIGTERM, e.g. stopped), and gives open HTTP exchanges `shutdown_grace_s`; a second signal
@@ -37,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 MONITOR_INTERVAL_S = 0.5
 WORKER_STOP_S = 2.0
+MAX_DEATHS = 3
+DEATH_WINDOW_S = 300.0
 
 
 class SupervisedServer(ls.LitServer):
@@ -47,6 +51,7 @@ class SupervisedServer(ls.LitServer):
         self.failure: str | None = None  # why the server stopped by itself
         self._stopping = threading.Event()
         self._restart_lock = threading.Lock()
+        self._deaths: dict[int, list[float]] = {}  # per worker slot, time.monotonic()
 
     def _start_worker_monitoring(self, manager: Any, uvicorn_workers: dict) -> None:
         threading.Thread(
@@ -66,6 +71,14 @@ class SupervisedServer(ls.LitServer):
                         return
                     if process.is_alive():
                         continue
+                    now = time.monotonic()
+                    deaths = [t for t in self._deaths.get(worker, []) if now - t < DEATH_WINDOW_S]
+                    self._deaths[worker] = [*deaths, now]
+                    if len(deaths) + 1 >= MAX_DEATHS:
+                        self._fail(
+                            f"worker {worker} died {MAX_DEATHS} times in {DEATH_WINDOW_S:g} s"
+                        )
+                        return
                     with self._restart_lock:
                         if self._stopping.is_set():
                             return
