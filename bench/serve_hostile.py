@@ -10,6 +10,7 @@ Every hostile request must be refused with a 4xx naming the problem; anything el
 from __future__ import annotations
 
 import json
+import multiprocessing
 import socket
 import threading
 import time
@@ -104,15 +105,24 @@ class HostileTenant:
     reopened: int = 0
     sent: int = 0  # position in the catalogue, kept across runs
 
-    def run(self, stop: float) -> list[threading.Thread]:
-        """Attack until `stop` (time.monotonic()); the threads to join."""
-        threads = [
-            threading.Thread(target=self._send, args=(stop,), daemon=True),
-            threading.Thread(target=self._stall, args=(stop,), daemon=True),
-        ]
-        for thread in threads:
-            thread.start()
-        return threads
+    def run(self, stop: float) -> list[_Attack]:
+        """Attack until `stop` (time.monotonic(), one clock for every process here) from a
+        process of its own - as a separate client would: in this process its threads would
+        hold the benchmark clients' GIL and slow them down, not the server - and return what
+        to join."""
+        context = multiprocessing.get_context("spawn")
+        queue = context.Queue()
+        settings = {k: getattr(self, k) for k in ("url", "port", "key", "native", "rate")}
+        settings.update(stalled=self.stalled, sent=self.sent)
+        process = context.Process(target=_attack, args=(settings, stop, queue), daemon=True)
+        process.start()
+        return [_Attack(self, process, queue)]
+
+    def _merge(self, other: HostileTenant) -> None:
+        self.results.update(other.results)
+        self.unexpected += other.unexpected
+        self.reopened += other.reopened
+        self.sent = other.sent
 
     def _send(self, stop: float) -> None:
         catalogue = hostile_requests(self.native)
@@ -134,8 +144,8 @@ class HostileTenant:
             if not 400 <= status < 500:
                 self.unexpected.append(answer)
             k += 1
-            # Pacing the attack to `rate`, not synchronisation.
-            time.sleep(max(0.0, started + k / self.rate - time.monotonic()))
+            # Pacing the attack to `rate` (never past `stop`), not synchronisation.
+            time.sleep(max(0.0, min(stop, started + k / self.rate) - time.monotonic()))
 
     def _stall(self, stop: float) -> None:
         kinds = ["headers", "body"]
@@ -153,6 +163,31 @@ class HostileTenant:
             time.sleep(0.2)  # pacing
         for sock in open_:
             sock.close()
+
+
+def _attack(settings: dict, stop: float, queue: Any) -> None:
+    """The attacking process: both attacks until `stop`, then what happened."""
+    tenant = HostileTenant(**settings)
+    threads = [
+        threading.Thread(target=tenant._send, args=(stop,)),
+        threading.Thread(target=tenant._stall, args=(stop,)),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    queue.put(tenant)
+
+
+@dataclass
+class _Attack:
+    tenant: HostileTenant
+    process: Any
+    queue: Any
+
+    def join(self, timeout: float | None = None) -> None:
+        self.tenant._merge(self.queue.get(timeout=timeout))
+        self.process.join(timeout=10)
 
 
 @dataclass
@@ -180,7 +215,8 @@ class StackChurner:
             self.assign(HOSTILE_TENANT, rotated[: self.size])
             self.assigned += 1
             k += 1
-            time.sleep(max(0.0, started + k * self.interval - time.monotonic()))  # pacing
+            due = min(stop, started + k * self.interval)
+            time.sleep(max(0.0, due - time.monotonic()))  # pacing, never past `stop`
 
     def summary(self) -> dict[str, Any]:
         return {"stacks_assigned": self.assigned, "stack_size": self.size}
