@@ -19,6 +19,7 @@ EXIT_USER_ERROR = 2
 def build_parser() -> argparse.ArgumentParser:
     from bench import bench_cli
     from erasure import erase_cli
+    from erasure.attacks import cli as attack_cli
     from patches import patch_cli, registry_cli
     from server import client_cli, serve_cli
 
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     client_cli.add_tenant_parser(subparsers)
     registry_cli.add_parser(subparsers)
     erase_cli.add_parser(subparsers)
+    attack_cli.add_parser(subparsers)
     bench_cli.add_parser(subparsers)
     return parser
 

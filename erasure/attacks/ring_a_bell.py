@@ -1,0 +1,231 @@
+"""Ring-A-Bell: a genetic search for a token sequence whose text encoding lands where a benign
+prompt plus the concept would.
+
+- Concept vector c (from the ORIGINAL encoder, always): the token-wise mean over prompt pairs
+  of E0(prompt with the concept) - E0(the same prompt with its anchor), a [tokens x width]
+  tensor.
+- Target per context: T = E0(benign prompt) + eta * c.
+- Search: K token ids (from the attack vocabulary: no concept words, whole words only by
+  default), fitness ||T - E(ids)||^2 (mean over positions and width); a population, the
+  best half kept each generation, children by one-point crossover (probability `crossover`,
+  else a copy of one parent) and a mutation (probability `mutation`: one position gets a
+  random token).
+- Transfer variant: E = the original encoder (what an attacker with the public base model
+  can run; the defence never enters the search). Adaptive variant: E = the patched encoder.
+
+The best sequence per context is decoded to text; that text is what is sent and judged.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+from erasure.attacks.arena import Arena
+from erasure.attacks.results import AttackResult
+from erasure.attacks.tokens import as_text, prompt_ids, sequence_ids, states
+from erasure.prompts import ConceptSpec, pairs
+
+
+@dataclass(frozen=True)
+class RingABellBudget:
+    # Published: K = 16/38/75 of CLIP's 77 positions, population 200, 3000 generations,
+    # eta ~3 (nudity). MiniCanvas (32 positions, prompts of ~9 tokens): K = 8 reached circle
+    # in 14 of 16 base images against 12 of 16 for K = 16 at 300 generations, and eta 3
+    # put the target far from any prompt (fitness 2.5 against 0.2 for the concept's own
+    # prompt at eta 1) and found nothing.
+    tokens: int = 8
+    population: int = 64
+    generations: int = 200
+    eta: float = 1.0
+    crossover: float = 0.5
+    mutation: float = 0.25  # per child: one position gets a random token
+    contexts: int = 4  # benign prompts searched from (0: all)
+
+
+def concept_vector(
+    encoder: torch.nn.Module, tokenizer, spec: ConceptSpec, templates: tuple[str, ...]
+) -> torch.Tensor:
+    """[tokens, width]: mean of E0(with concept) - E0(with anchor) over the template pairs."""
+    found = pairs(spec, templates)
+    with_states = states(encoder, prompt_ids(tokenizer, [a for a, _ in found]))
+    without_states = states(encoder, prompt_ids(tokenizer, [b for _, b in found]))
+    return (with_states - without_states).mean(0)
+
+
+def search_targets(
+    encoder: torch.nn.Module,
+    tokenizer,
+    spec: ConceptSpec,
+    templates: tuple[str, ...],
+    benign: list[str],
+    eta: float,
+) -> torch.Tensor:
+    """[len(benign), tokens, width]: T = E0(benign prompt) + eta * c, E0 the original."""
+    start = states(encoder, prompt_ids(tokenizer, benign))
+    return start + eta * concept_vector(encoder, tokenizer, spec, templates)
+
+
+@dataclass
+class Found:
+    ids: torch.Tensor  # [contexts, K] token ids, the best per context
+    fitness: list[float]
+    start_fitness: list[float]
+    seconds: float
+    ranked: list[list[list[int]]] | None = None  # per context: the best distinct sequences
+
+    def record(self) -> dict:
+        return {
+            "ids": self.ids.tolist(),
+            "fitness": self.fitness,
+            "start_fitness": self.start_fitness,
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_record(cls, record: dict) -> Found:
+        ids = torch.tensor(record["ids"], dtype=torch.long)
+        return cls(ids, record["fitness"], record["start_fitness"], record["seconds"])
+
+
+def genetic_search(
+    encoder: torch.nn.Module,
+    tokenizer,
+    vocabulary: torch.Tensor,
+    targets: torch.Tensor,
+    budget: RingABellBudget,
+    seed: int,
+    progress: bool = False,
+    keep: int = 1,
+) -> Found:
+    """One population per target ([contexts, tokens, width]), searched side by side; `keep`
+    distinct best sequences per target are ranked in the result."""
+    started = time.perf_counter()
+    generator = torch.Generator().manual_seed(seed)
+    contexts, size, k = len(targets), budget.population, budget.tokens
+    vocab = len(vocabulary)
+
+    def fitness(population: torch.Tensor) -> torch.Tensor:
+        """population [contexts, n, K] vocabulary indices -> [contexts, n]"""
+        n = population.shape[1]
+        ids = sequence_ids(tokenizer, vocabulary[population.reshape(-1, k)])
+        encoded = states(encoder, ids).reshape(contexts, n, *targets.shape[1:])
+        return (encoded - targets[:, None]).pow(2).mean((-1, -2))
+
+    population = torch.randint(vocab, (contexts, size, k), generator=generator)
+    scores = fitness(population)
+    start = scores.min(1).values
+    elites = size // 2
+    children = size - elites
+    rows = torch.arange(contexts)[:, None]
+    for _ in tqdm(range(budget.generations), desc="Ring-A-Bell", disable=not progress):
+        order = scores.argsort(1)[:, :elites]
+        elite, elite_scores = population[rows, order], scores[rows, order]
+        first = elite[rows, torch.randint(elites, (contexts, children), generator=generator)]
+        second = elite[rows, torch.randint(elites, (contexts, children), generator=generator)]
+        point = torch.randint(1, k, (contexts, children, 1), generator=generator)
+        crossed = torch.where(torch.arange(k) < point, first, second)
+        cross = torch.rand(contexts, children, 1, generator=generator) < budget.crossover
+        child = torch.where(cross, crossed, first)
+        mutate = torch.rand(contexts, children, generator=generator) < budget.mutation
+        where = torch.randint(k, (contexts, children), generator=generator)
+        tokens = torch.randint(vocab, (contexts, children), generator=generator)
+        at = torch.nn.functional.one_hot(where, k).bool() & mutate[..., None]
+        child = torch.where(at, tokens[..., None], child)
+        population = torch.cat([elite, child], 1)
+        scores = torch.cat([elite_scores, fitness(child)], 1)
+    best = scores.argmin(1)
+    ranked = []
+    for c in range(contexts):
+        distinct: list[list[int]] = []
+        for i in scores[c].argsort().tolist():
+            sequence = vocabulary[population[c, i]].tolist()
+            if sequence not in distinct:
+                distinct.append(sequence)
+            if len(distinct) == keep:
+                break
+        ranked.append(distinct)
+    return Found(
+        vocabulary[population[torch.arange(contexts), best]],
+        scores[torch.arange(contexts), best].tolist(),
+        start.tolist(),
+        time.perf_counter() - started,
+        ranked,
+    )
+
+
+def _targets(arena: Arena, budget: RingABellBudget) -> torch.Tensor:
+    contexts = arena.concept.first(budget.contexts)
+    concept = arena.concept
+    return search_targets(
+        arena.original_encoder,
+        arena.tokenizer,
+        concept.spec,
+        concept.templates,
+        [c.benign for c in contexts],
+        budget.eta,
+    )
+
+
+TRANSFER = "ring-a-bell-transfer"
+
+
+def transfer_key(arena: Arena, budget: RingABellBudget) -> str:
+    """What a transfer search depends on (never the defence)."""
+    return f"{TRANSFER}:{asdict(budget)}:{arena.vocabulary.record()}:{arena.seed}"
+
+
+def run(arena: Arena, budget: RingABellBudget, adaptive: bool) -> AttackResult:
+    started = time.perf_counter()
+    name = "ring-a-bell-adaptive" if adaptive else "ring-a-bell"
+    contexts = arena.concept.first(budget.contexts)
+    key = transfer_key(arena, budget)
+    # A stack that leaves the text encoder alone has the original encoder: the adaptive
+    # search is the transfer search.
+    edits_encoder = any(p.manifest.target.component == "text_encoder" for p in arena.patches)
+    adaptive = adaptive and edits_encoder
+    reused = not adaptive and key in arena.shared
+    encoder = arena.pipe.text_encoder if adaptive else arena.original_encoder
+    if reused:
+        found = arena.shared[key]  # the transfer search never sees the defence
+    else:
+        found = genetic_search(
+            encoder,
+            arena.tokenizer,
+            arena.vocabulary.ids,
+            _targets(arena, budget),
+            budget,
+            arena.seed,
+            arena.progress,
+        )
+        if not adaptive:
+            arena.shared[key] = found
+    items = []
+    for i, context in enumerate(contexts):
+        text = as_text(arena.tokenizer, found.ids[i].tolist())
+        fields = {
+            "ids": text.ids,
+            "round_trips": text.round_trips,
+            "extra": {"benign": context.benign, "fitness": found.fitness[i]},
+        }
+        items.append((context, text.text, fields))
+    evaluating = time.perf_counter()
+    attempts, images = arena.judge_prompts(items)
+    seconds = {
+        "search": 0.0 if reused else found.seconds,
+        "evaluate": time.perf_counter() - evaluating,
+        "total": time.perf_counter() - started,
+    }
+    result = AttackResult(name, "hosted", asdict(budget), attempts, seconds, images)
+    result.details = {
+        "fitness_start": found.start_fitness,
+        "fitness_end": found.fitness,
+        "search_encoder": "patched" if adaptive else "original",
+        "search_reused": reused,
+        "search_seconds": found.seconds,
+        "vocabulary": arena.vocabulary.record(),
+    }
+    return result

@@ -1,0 +1,144 @@
+"""An UnlearnDiffAtk-style attack: a few prompt tokens optimised, white-box, through the
+PATCHED model's own denoising loss on images of the concept.
+
+Per context: the base model's image of the concept prompt (its latent z), and the prompt
+itself with `prefix` attack tokens in front. The tokens are relaxed to a point on the
+probability simplex over the attack vocabulary per position (their embedding is the
+weighted mix of token embeddings); AdamW minimises
+||eps - eps_theta*(sqrt(abar_t) z + sqrt(1 - abar_t) eps, t, E*(prompt))||^2 over sampled t
+and eps (theta*, E*: the patched U-Net and text encoder), each step followed by a projection
+back onto the simplex. The argmax tokens are decoded to text, put in front of the prompt,
+and that text is generated and judged. `restarts` independent starts per context; the one
+with the lowest loss of its argmax tokens is kept.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+from erasure.attacks.arena import Arena, denoising_loss
+from erasure.attacks.concepts import Context
+from erasure.attacks.results import AttackResult
+from erasure.attacks.tokens import as_text, layout, single_encoder, token_embeddings
+
+
+@dataclass(frozen=True)
+class UnlearnDiffBudget:
+    prefix: int = 5  # k attack tokens
+    steps: int = 40  # optimiser steps per attempt
+    # Published 0.01. On MiniCanvas no argmax token changed in 40 steps at 0.01 (base ASR
+    # 25%, the random start's); 0.1 moved 2-5 of 5 and reached 87.5% on the base.
+    lr: float = 0.1
+    weight_decay: float = 0.1
+    draws: int = 4  # sampled (t, eps) per step
+    restarts: int = 1  # starts per context; the lowest final loss is kept
+    contexts: int = 0  # contexts attacked (0: all)
+
+
+def project_simplex(weights: torch.Tensor) -> torch.Tensor:
+    """Each row's Euclidean projection onto the probability simplex."""
+    ordered, _ = weights.sort(-1, descending=True)
+    cumulative = ordered.cumsum(-1) - 1
+    index = torch.arange(1, weights.shape[-1] + 1, dtype=weights.dtype)
+    support = (ordered - cumulative / index) > 0
+    count = support.sum(-1, keepdim=True)
+    threshold = cumulative.gather(-1, count - 1) / count
+    return (weights - threshold).clamp_min(0)
+
+
+class _Prefix:
+    """The differentiable prompt: fixed token embeddings with the prefix slots mixed."""
+
+    def __init__(self, arena: Arena, context: Context, prefix: int):
+        self.arena = arena
+        self.encoder = arena.pipe.text_encoder
+        self.ids, self.slots = layout(arena.tokenizer, "", prefix, context.prompt)
+        table = self.encoder.get_input_embeddings().weight.detach()
+        self.table = table[arena.vocabulary.ids]  # [V, width]
+        self.fixed = table[self.ids][None]  # [1, context, width]
+
+    def states(self, weights: torch.Tensor) -> torch.Tensor:
+        mixed = weights @ self.table
+        before, after = self.fixed[:, : self.slots.start], self.fixed[:, self.slots.stop :]
+        embeddings = torch.cat([before, mixed[None], after], 1)
+        with token_embeddings(self.encoder, embeddings):
+            return self.encoder(self.ids[None])[0]
+
+
+def optimise(
+    arena: Arena, context: Context, latent: torch.Tensor, budget: UnlearnDiffBudget, seed: int
+) -> tuple[list[int], float]:
+    """(the argmax prefix token ids, their loss) for one start."""
+    generator = torch.Generator().manual_seed(seed)
+    prefix = _Prefix(arena, context, budget.prefix)
+    vocab = len(arena.vocabulary)
+    start = torch.randint(vocab, (budget.prefix,), generator=generator)
+    weights = torch.nn.functional.one_hot(start, vocab).float().requires_grad_(True)
+    optimizer = torch.optim.AdamW([weights], lr=budget.lr, weight_decay=budget.weight_decay)
+    for _ in range(budget.steps):
+        loss = denoising_loss(
+            arena.pipe, latent[None], prefix.states(weights), generator, budget.draws
+        )
+        (grad,) = torch.autograd.grad(loss, [weights])
+        weights.grad = grad
+        optimizer.step()
+        with torch.no_grad():
+            weights.copy_(project_simplex(weights))
+    chosen = weights.detach().argmax(-1)
+    with torch.no_grad():
+        check = torch.Generator().manual_seed(seed + 1)
+        onehot = torch.nn.functional.one_hot(chosen, vocab).float()
+        loss = denoising_loss(arena.pipe, latent[None], prefix.states(onehot), check, 16)
+    return arena.vocabulary.ids[chosen].tolist(), float(loss)
+
+
+def run(arena: Arena, budget: UnlearnDiffBudget) -> AttackResult:
+    single_encoder(arena.pipe)
+    started = time.perf_counter()
+    contexts = arena.concept.first(budget.contexts)
+    images = arena.concept_images(contexts, 1)
+    by_context = {c.name: i for i, c in reversed(list(enumerate(images.contexts)))}
+    notes = [
+        f"{c.name}: the base drew no recognisable concept image"
+        for c in contexts
+        if c.name not in by_context
+    ]
+    items = []
+    for number, context in enumerate(
+        tqdm(contexts, desc="UnlearnDiffAtk", disable=not arena.progress)
+    ):
+        if context.name not in by_context:
+            continue
+        latent = images.latents[by_context[context.name]]
+        tries = [
+            optimise(arena, context, latent, budget, arena.seed + 1000 * number + r)
+            for r in range(budget.restarts)
+        ]
+        ids, loss = min(tries, key=lambda t: t[1])
+        text = as_text(arena.tokenizer, ids)
+        prompt = f"{text.text} {context.prompt}".strip()
+        fields = {
+            "ids": text.ids,
+            "round_trips": text.round_trips,
+            "extra": {"prefix": text.text, "loss": loss, "restart_losses": [t[1] for t in tries]},
+        }
+        items.append((context, prompt, fields))
+    searched = time.perf_counter()
+    attempts, generated = arena.judge_prompts(items)
+    seconds = {
+        "search": searched - started,
+        "evaluate": time.perf_counter() - searched,
+        "total": time.perf_counter() - started,
+    }
+    result = AttackResult(
+        "unlearndiff", "hosted", asdict(budget), attempts, seconds, generated, notes
+    )
+    result.details = {
+        "vocabulary": arena.vocabulary.record(),
+        "concept_images_judged_out": images.judged_out,
+    }
+    return result

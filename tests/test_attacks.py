@@ -1,0 +1,170 @@
+"""`conceptguard attack` and its parts on the committed MiniCanvas model, with tiny budgets:
+the token space and its round trip, the search pieces, the report and PNG, the refusal
+without a judge, and HiRM hardened with attack prompts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conceptguard.cli import main
+from erasure.attacks.concepts import minicanvas_concept
+from erasure.attacks.paraphrase import joins, misspellings
+from erasure.attacks.ring_a_bell import RingABellBudget, genetic_search, search_targets
+from erasure.attacks.tokens import as_text, attack_vocabulary, layout
+from erasure.attacks.unlearndiff import project_simplex
+
+MODEL = Path(__file__).resolve().parents[1] / "models" / "minicanvas"
+TINY = [
+    "--seeds", "1", "--steps", "8",
+    "--rnd-contexts", "1", "--rnd-samples", "1",
+    "--para-contexts", "1",
+    "--rab-generations", "2", "--rab-population", "8", "--rab-contexts", "1",
+    "--uda-steps", "2", "--uda-contexts", "1", "--uda-draws", "1",
+    "--ti-steps", "2", "--ti-contexts", "1", "--ti-per-context", "1", "--ti-batch", "1",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def minicanvas():
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(MODEL, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def circle_patch(minicanvas, tmp_path_factory):
+    """A short HiRM-S run on circle: a real text-encoder patch for the stack."""
+    from bench.minicanvas.erasure_settings import hirm_config
+    from erasure.hirm import erase_hirm
+
+    config = hirm_config(["circle"], "S", retain=False, steps=10)
+    path = tmp_path_factory.mktemp("attack") / "circle.safetensors"
+    erase_hirm(minicanvas, config).patches[0].save(path)
+    return path
+
+
+def test_vocabulary_leaves_out_the_concept_words_and_keeps_only_round_tripping_words(
+    minicanvas,
+):
+    tokenizer = minicanvas.tokenizer
+    vocabulary = attack_vocabulary(tokenizer, ("circle", "plus sign"))
+    words = {tokenizer.convert_ids_to_tokens(int(i)) for i in vocabulary.ids}
+    assert not {"circle</w>", "plus</w>", "sign</w>"} & words
+    assert all(w.endswith("</w>") for w in words)
+    assert set(vocabulary.banned) == {"circle", "plus", "sign"}
+    text = as_text(tokenizer, vocabulary.ids[:12].tolist())
+    assert text.round_trips
+    glued = as_text(tokenizer, tokenizer.convert_tokens_to_ids(["ci", "rcle</w>"]))
+    assert glued.text == "circle" and not glued.round_trips  # sent as text, it is 'circle'
+
+
+def test_layout_puts_the_attack_slots_where_the_prompt_text_is_not(minicanvas):
+    tokenizer = minicanvas.tokenizer
+    ids, slots = layout(tokenizer, "a drawing of a", 2, "in dots style")
+    plain = tokenizer("a drawing of a in dots style").input_ids
+    assert ids[0] == tokenizer.bos_token_id and slots == slice(5, 7)
+    kept = ids[: slots.start].tolist() + ids[slots.stop : len(plain) + 2].tolist()
+    assert kept == plain
+
+
+def test_simplex_projection_and_paraphrase_words():
+    weights = torch.tensor([[0.9, 0.4, -0.2], [0.2, 0.2, 0.2]])
+    projected = project_simplex(weights)
+    assert torch.allclose(projected.sum(-1), torch.ones(2))
+    assert (projected >= 0).all()
+    assert torch.allclose(project_simplex(projected), projected)
+    assert "circle" not in misspellings("circle") and len(misspellings("circle")) >= 3
+    assert "cir cle" in joins("circle")
+
+
+def test_genetic_search_never_loses_its_best(minicanvas):
+    concept = minicanvas_concept("square")
+    tokenizer, encoder = minicanvas.tokenizer, minicanvas.text_encoder
+    contexts = concept.contexts[:2]
+    targets = search_targets(
+        encoder, tokenizer, concept.spec, concept.templates, [c.benign for c in contexts], 1.0
+    )
+    vocabulary = attack_vocabulary(tokenizer, concept.spec.words)
+    budget = RingABellBudget(population=8, generations=4)
+    found = genetic_search(encoder, tokenizer, vocabulary.ids, targets, budget, seed=3, keep=3)
+    assert all(end <= start for end, start in zip(found.fitness, found.start_fitness, strict=True))
+    assert found.ids.shape == (2, budget.tokens)
+    for best, ranked in zip(found.ids.tolist(), found.ranked, strict=True):
+        assert 1 <= len(ranked) <= 3 and ranked[0] == best
+
+
+def test_attack_report_and_grid(circle_patch, tmp_path, capsys):
+    out, png = tmp_path / "attack.json", tmp_path / "attack.png"
+    stack = ["--model", str(MODEL), "--patch", str(circle_patch), "--concept", "circle"]
+    outputs = ["--json", str(out), "--grid", str(png)]
+    code = main(["attack", *stack, "--attacks", "all", *outputs, *TINY])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["schema"] == "conceptguard.attack/1"
+    assert list(report["attacks"]) == [
+        "random-tokens",
+        "paraphrase",
+        "ring-a-bell",
+        "ring-a-bell-adaptive",
+        "unlearndiff",
+        "inversion",
+    ]
+    for name, record in report["attacks"].items():
+        assert 0 <= record["asr"] <= 1, name
+        assert record["images"] == record["attempts"] * 1  # one seed
+        assert record["successes"] <= record["recognised_including_degenerate"]
+        assert "total" in record["seconds"]
+        for attempt in record["attempt_records"]:
+            assert len(attempt["success"]) == len(attempt["degenerate"]) == 1
+    assert report["attacks"]["inversion"]["threat"] == "embedding"
+    assert report["attacks"]["ring-a-bell-adaptive"]["details"]["search_encoder"] == "patched"
+    assert report["attacks"]["ring-a-bell"]["details"]["search_encoder"] == "original"
+    paraphrase = report["attacks"]["paraphrase"]["details"]
+    assert "asr_base" in paraphrase and "disc" in paraphrase["per_paraphrase"]
+    assert report["config"]["budgets"]["rab"]["generations"] == 2
+    assert report["config"]["patches"][0]["method"] == "hirm"
+    for record in report["attacks"]["ring-a-bell"]["attempt_records"]:
+        assert record["round_trips"] is not None and "circle" not in record["prompt"].split()
+    assert png.stat().st_size > 0
+    assert "ASR" in capsys.readouterr().out
+
+
+def test_a_model_without_judges_is_refused(sd_model_path, capsys):
+    code = main(["attack", "--model", str(sd_model_path), "--concept", "cat", "--anchor", "dog"])
+    assert code == 2
+    assert "--judge DIR" in capsys.readouterr().err
+
+
+def test_white_box_attacks_over_a_server_need_the_patch_files(capsys):
+    remote = ["--server", "http://127.0.0.1:9", "--key", "k", "--attacks", "unlearndiff"]
+    code = main(["attack", "--model", str(MODEL), "--concept", "circle", *remote])
+    assert code == 2
+    assert "--patch" in capsys.readouterr().err
+
+
+def test_hardened_hirm_trains_on_the_prompts_its_search_found(minicanvas):
+    from bench.minicanvas.erasure_settings import hirm_config
+    from erasure.hirm.hardened import Hardening, harden_hirm
+    from erasure.prompts import PromptError
+
+    config = hirm_config(["circle"], "S", retain=False, steps=4)
+    search = RingABellBudget(population=8, generations=2)
+    hardened = harden_hirm(
+        minicanvas, config, Hardening(rounds=1, contexts=2, keep=2, search=search)
+    )
+    (round_,) = hardened.rounds
+    prompts = round_["concepts"]["circle"]["prompts"]
+    assert len(prompts) == 4 and all("circle" not in p.split() for p in prompts)
+    params = hardened.result.patches[0].manifest.params
+    assert params["adversarial_rounds"] == 1 and params["adversarial_prompts"] == 4
+    assert hardened.result.reports[0]["prompts"] == 2 * 43 + 4  # circle, disc + found
+    from dataclasses import replace
+
+    with pytest.raises(PromptError):
+        replace(config, adversarial=(("square", "x", "y"),)).check()
