@@ -166,3 +166,25 @@ def _dumo(pipe: Any, variant: str, concepts: list[str], options: SweepOptions, c
 
 
 register(SweepMethod("dumo", "full, no-tlmo, no-gate, no-prior (ablations)", _dumo))
+
+
+def _hirm_hardened(
+    pipe: Any, variant: str, concepts: list[str], options: SweepOptions, cache
+) -> Made:
+    """HiRM with adversarial rounds (erasure/hirm/hardened.py): "S", or "S+x" for it then
+    ESD-x as the stack row makes it."""
+    hirm_variant, _, esd_mode = variant.partition("+")
+    if esd_mode:
+        text = make_patches(pipe, "hirm-hardened", hirm_variant, concepts, options, cache)
+        unet = make_patches(pipe, "esd", esd_mode, concepts, options, cache)
+        report = {"hirm": text.report, "esd": unet.report}
+        return Made(text.patches + unet.patches, text.seconds + unet.seconds, report)
+    from bench.minicanvas.erasure_settings import hirm_config
+    from erasure.hirm.hardened import Hardening, harden_hirm
+
+    hardened = harden_hirm(pipe, hirm_config(concepts, hirm_variant), Hardening())
+    report = {**hardened.result.reports[0], "adversarial_rounds": hardened.rounds}
+    return Made(hardened.result.patches, hardened.seconds, report)
+
+
+register(SweepMethod("hirm-hardened", "S (adversarial rounds), S+x (then ESD-x)", _hirm_hardened))

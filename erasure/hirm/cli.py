@@ -48,6 +48,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     hirm.add_argument("--scale", type=float, help="c (R: default 20x token norm; S: 1)")
     hirm.add_argument("--eta", type=float, default=HirmConfig.eta)
+    hirm.add_argument(
+        "--adversarial-rounds",
+        type=int,
+        default=0,
+        help="harden the patch: rounds of an adaptive Ring-A-Bell search against it, each "
+        "folding the prompts found into a retraining (erasure/hirm/hardened.py; needs --anchor)",
+    )
     add_output_arguments(hirm)
     hirm.set_defaults(func=hirm_command)
 
@@ -97,7 +104,14 @@ def hirm_command(args: argparse.Namespace) -> int:
     config, retain_source = config_from_args(args)
     config.check()
     pipe = load_pipeline(args.model, args.dtype, args.device)
-    result = erase_hirm(pipe, config)
+    rounds = []
+    if args.adversarial_rounds:
+        from erasure.hirm.hardened import Hardening, harden_hirm
+
+        hardened = harden_hirm(pipe, config, Hardening(args.adversarial_rounds, seed=args.seed))
+        result, rounds = hardened.result, hardened.rounds
+    else:
+        result = erase_hirm(pipe, config)
     paths = output_paths(Path(args.output), [p.manifest.target.component for p in result.patches])
     written = []
     for patch, path in zip(result.patches, paths, strict=True):
@@ -125,6 +139,7 @@ def hirm_command(args: argparse.Namespace) -> int:
         "encoders": result.reports,
         "retain_source": retain_source,
         "verdict": [v.to_dict() for v in verdicts],
+        "adversarial_rounds": rounds,
     }
     print_summary(summary)
     for report, verdict in zip(result.reports, verdicts, strict=True):

@@ -44,6 +44,10 @@ class HirmConfig:
     pairs: list[tuple[str, str]] | None = None  # V: explicit (with, without) prompt pairs
     retain_prompts: tuple[str, ...] = ()
     retain_weight: float | None = None  # default RETAIN_WEIGHT[variant]
+    # (concept name, prompt, twin): more prompts to erase, each sent where its twin goes
+    # (S: the twin's original states) - adversarial prompts found by attacks on an earlier
+    # patch, paired with the benign prompt they imitate (erasure/hirm/hardened.py).
+    adversarial: tuple[tuple[str, str, str], ...] = ()
     retain_batch: int = 64
     # Held out of training: the report's per-prompt drift (and the CLI's verdict) comes from
     # prompts the patch never saw.
@@ -81,6 +85,9 @@ class HirmConfig:
                     f"HiRM-S needs an anchor (super-category) for {missing[0]!r}, "
                     "e.g. --anchor animal for a cat"
                 )
+        unknown = {name for name, _, _ in self.adversarial} - {c.name for c in self.concepts}
+        if unknown:
+            raise PromptError(f"adversarial prompts for {sorted(unknown)[0]!r}, not a concept here")
         if not self.blocks:
             raise PromptError("train at least one text-encoder block")
         if (self.steps is not None and self.steps < 1) or (self.lr is not None and self.lr <= 0):

@@ -69,6 +69,11 @@ def _prompts(config: HirmConfig) -> _Prompts:
         probes += [without for _, without in concept_pairs]
     if config.pairs:
         all_pairs = [list(config.pairs)] * len(config.concepts)
+    names = [c.name for c in config.concepts]
+    for name, prompt, twin in config.adversarial:
+        targets.append(prompt)
+        anchored.append(twin)
+        concept_of.append(names.index(name))
     return _Prompts(targets, concept_of, anchored, all_pairs, sorted(set(probes)))
 
 
