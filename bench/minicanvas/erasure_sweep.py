@@ -21,6 +21,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from bench.minicanvas import sweep_attacks
 from bench.minicanvas.erasure_scores import summarise, table_lines
 from bench.minicanvas.quality import EvalSettings, Evaluator, Judged, concept_kind
 from bench.minicanvas.sweep_methods import METHODS, SweepOptions, make_patches
@@ -80,6 +81,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         metavar="JSON",
         help="run nothing: join these sweep results (same settings, disjoint concepts)",
     )
+    sweep_attacks.add_flags(sweep)
     sweep.set_defaults(func=sweep_command)
 
 
@@ -203,6 +205,9 @@ def merge_results(parts: list[dict], sources: list[str]) -> dict:
     sheets = [p for part in parts for p in part.get("sheets", [])]
     if sheets:
         result["sheets"] = sheets
+    attacked = sweep_attacks.merged(parts, result)
+    if attacked:
+        result["attacks"] = attacked
     result["config"] = {**first["config"], "concepts": concepts, "merged_from": sources}
     result["timings"] = {
         "parts": [part.get("timings", {}) for part in parts],
@@ -227,6 +232,7 @@ def run_sweep(args: argparse.Namespace) -> dict:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     options = _options(args)
     cache = Path(args.cache) if args.cache else None
+    attacks = sweep_attacks.SweepAttacks.from_args(args, model)
     result: dict[str, Any] = {"schema": SCHEMA, "method": args.method, "variants": {}}
     for variant in variants:
         per_concept: dict[str, dict] = {}
@@ -234,6 +240,8 @@ def run_sweep(args: argparse.Namespace) -> dict:
             made = make_patches(pipe, args.method, variant, [concept], options, cache)
             block = sweep.measure(made.patches, [concept], False, variant)[concept]
             block.update(make_seconds=round(made.seconds, 2), text=made.report)
+            if attacks:
+                block["attacks"] = attacks.measure(pipe, made.patches, concept, variant)
             per_concept[concept] = block
             print(
                 f"[sweep] {args.method}-{variant} {i}/{len(concepts)} {concept}: "
@@ -257,6 +265,8 @@ def run_sweep(args: argparse.Namespace) -> dict:
                 "make_seconds": round(made.seconds, 2),
                 "text": made.report,
             }
+    if attacks:
+        result["attacks"] = attacks.summary(result, concepts, pipe)
     result["config"] = {
         "model": str(model),
         "seeds": sweep.evaluator.seeds(),
@@ -271,6 +281,8 @@ def run_sweep(args: argparse.Namespace) -> dict:
     }
     if args.grid:
         result["sheets"] = [str(p) for p in sweep.write_sheets(Path(args.grid))]
+        if attacks:
+            result["attack_sheets"] = [str(p) for p in attacks.write_sheets(Path(args.grid))]
     return result
 
 
@@ -302,6 +314,7 @@ def print_table(result: dict) -> None:
         print(f"timings: {len(timings['parts'])} sweeps joined, {timings['total_s']}s in all")
     else:
         print("timings: " + ", ".join(f"{k} {v}s" for k, v in timings.items()))
+    sweep_attacks.print_lines(result)
 
 
 def sweep_command(args: argparse.Namespace) -> int:
