@@ -168,3 +168,26 @@ def test_hardened_hirm_trains_on_the_prompts_its_search_found(minicanvas):
 
     with pytest.raises(PromptError):
         replace(config, adversarial=(("square", "x", "y"),)).check()
+
+
+def test_sweep_asr_table_pools_concepts_and_merge_needs_the_same_settings():
+    from bench.minicanvas.sweep_attacks import asr_table, merged
+
+    def report(successes: int, images: int) -> dict:
+        record = {"successes": successes, "images": images, "degenerate": 1}
+        record["asr"] = successes / images
+        return {"direct": {"base": 1.0, "patched": 0.0}, "attacks": {"unlearndiff": record}}
+
+    table = asr_table({"S": {"circle": report(1, 8), "square": report(3, 8)}})
+    entry = table["S"]["attacks"]["unlearndiff"]
+    assert entry["asr"] == 4 / 16 and entry["asr_worst"] == 3 / 8 and entry["degenerate"] == 2
+    part = {
+        "variants": {"S": {"per_concept": {"circle": {"attacks": report(1, 8)}}}},
+        "attacks": {"base": {"circle": report(8, 8)}, "config": {"seed": 0}},
+    }
+    other = {**part, "attacks": {**part["attacks"], "config": {"seed": 1}}}
+    result = {"variants": {"S": {"per_concept": {"circle": {"attacks": report(1, 8)}}}}}
+    assert merged([part, part], result)["table"]["base"]["attacks"]["unlearndiff"]["asr"] == 1
+    with pytest.raises(ValueError):
+        merged([part, other], result)
+    assert merged([{"variants": {}}], result) is None
