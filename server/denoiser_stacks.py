@@ -43,6 +43,8 @@ class LayerShape:
 
     @classmethod
     def of(cls, module: torch.nn.Module, path: str) -> LayerShape:
+        # A layer wrapped by peft (a pipeline that had LoRA loaded) has its own inside.
+        module = getattr(module, "base_layer", module)
         if isinstance(module, torch.nn.Linear):
             return cls("linear", module.in_features, module.out_features)
         if (

@@ -227,6 +227,19 @@ def test_slots_grow_and_release_without_changing_any_row(models_dir):
     assert router.layers == {} and router.prepared == []
 
 
+def test_a_pipeline_whose_layers_peft_wrapped_is_routed_the_same(models_dir, tmp_path):
+    from bench.tiny_pipelines import tiny_pipeline
+
+    pipe = tiny_pipeline("sd", models_dir, seed=0)
+    first, second = lora_patch(pipe, seed=51), lora_patch(pipe, seed=52)
+    expected = offline(pipe, [second], 1)
+    first.save(tmp_path / "first.safetensors")
+    pipe.load_lora_weights(str(tmp_path / "first.safetensors"), adapter_name="left")
+    pipe.delete_adapters("left")  # peft's wrappers stay, with no adapter in them
+    images, _ = routed(pipe, DenoiserRouter(pipe), [[second]])
+    assert np.abs(images[0] - expected).max() <= TOLERANCE
+
+
 def test_what_per_row_serving_cannot_take_is_refused(models_dir):
     from bench.tiny_pipelines import tiny_pipeline
 

@@ -209,4 +209,4 @@ def test_lora_file_loads_with_diffusers_load_lora_weights(tiny_sd, tmp_path):
     try:
         assert np.array_equal(generate(tiny_sd), ours)
     finally:
-        tiny_sd.delete_adapters("plain_diffusers")
+        tiny_sd.unload_lora_weights()  # unwraps peft's layers: the shared pipeline as it was
