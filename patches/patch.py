@@ -60,6 +60,7 @@ class Patch:
     manifest: Manifest
     tensors: dict[str, torch.Tensor]
     _bytes: bytes | None = field(default=None, repr=False, compare=False)
+    _id: str | None = field(default=None, repr=False, compare=False)
 
     # --- making ---------------------------------------------------------------------
 
@@ -116,8 +117,11 @@ class Patch:
 
     @property
     def id(self) -> str:
-        """sha256 of the file bytes: the registry's content address."""
-        return hashlib.sha256(self.to_bytes()).hexdigest()
+        """sha256 of the file bytes: the registry's content address (hashed once, like the
+        bytes it is the hash of: stacks ask for it many times)."""
+        if self._id is None:
+            self._id = hashlib.sha256(self.to_bytes()).hexdigest()
+        return self._id
 
     @property
     def nbytes(self) -> int:
