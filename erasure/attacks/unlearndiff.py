@@ -8,8 +8,9 @@ weighted mix of token embeddings); AdamW minimises
 ||eps - eps_theta*(sqrt(abar_t) z + sqrt(1 - abar_t) eps, t, E*(prompt))||^2 over sampled t
 and eps (theta*, E*: the patched U-Net and text encoder), each step followed by a projection
 back onto the simplex. The argmax tokens are decoded to text, put in front of the prompt,
-and that text is generated and judged. `restarts` independent starts per context; the one
-with the lowest loss of its argmax tokens is kept.
+and that text is generated and judged. The argmax tokens are scored whenever they change
+(the same draws for every candidate) and the lowest-loss ones are kept; `restarts`
+independent starts per context, the lowest loss of them kept.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from erasure.attacks.concepts import Context
 from erasure.attacks.results import AttackResult
 from erasure.attacks.tokens import as_text, layout, single_encoder, token_embeddings
 
+CHECK_DRAWS = 16  # (t, eps) draws scoring each argmax candidate
+
 
 @dataclass(frozen=True)
 class UnlearnDiffBudget:
@@ -35,7 +38,10 @@ class UnlearnDiffBudget:
     lr: float = 0.1
     weight_decay: float = 0.1
     draws: int = 4  # sampled (t, eps) per step
-    restarts: int = 1  # starts per context; the lowest final loss is kept
+    # Starts per context, the lowest loss kept. The loss landscape over tokens is rough: on
+    # the MiniCanvas base (circle, 8 contexts) 1 start reached the concept in 11 of 16
+    # images, 3 starts in 14 of 16 (calibration needs >= 80%).
+    restarts: int = 3
     contexts: int = 0  # contexts attacked (0: all)
 
 
@@ -72,13 +78,24 @@ class _Prefix:
 def optimise(
     arena: Arena, context: Context, latent: torch.Tensor, budget: UnlearnDiffBudget, seed: int
 ) -> tuple[list[int], float]:
-    """(the argmax prefix token ids, their loss) for one start."""
+    """(prefix token ids, their loss) for one start: the argmax tokens with the lowest loss
+    seen during the run, each new argmax scored on the same `CHECK_DRAWS` (t, eps) draws."""
     generator = torch.Generator().manual_seed(seed)
     prefix = _Prefix(arena, context, budget.prefix)
     vocab = len(arena.vocabulary)
     start = torch.randint(vocab, (budget.prefix,), generator=generator)
     weights = torch.nn.functional.one_hot(start, vocab).float().requires_grad_(True)
     optimizer = torch.optim.AdamW([weights], lr=budget.lr, weight_decay=budget.weight_decay)
+
+    def discrete_loss(chosen: torch.Tensor) -> float:
+        check = torch.Generator().manual_seed(seed + 1)  # the same draws for every candidate
+        onehot = torch.nn.functional.one_hot(chosen, vocab).float()
+        with torch.no_grad():
+            states = prefix.states(onehot)
+            return float(denoising_loss(arena.pipe, latent[None], states, check, CHECK_DRAWS))
+
+    best, best_loss = start, discrete_loss(start)
+    scored = {tuple(start.tolist())}
     for _ in range(budget.steps):
         loss = denoising_loss(
             arena.pipe, latent[None], prefix.states(weights), generator, budget.draws
@@ -88,12 +105,13 @@ def optimise(
         optimizer.step()
         with torch.no_grad():
             weights.copy_(project_simplex(weights))
-    chosen = weights.detach().argmax(-1)
-    with torch.no_grad():
-        check = torch.Generator().manual_seed(seed + 1)
-        onehot = torch.nn.functional.one_hot(chosen, vocab).float()
-        loss = denoising_loss(arena.pipe, latent[None], prefix.states(onehot), check, 16)
-    return arena.vocabulary.ids[chosen].tolist(), float(loss)
+        chosen = weights.detach().argmax(-1)
+        if tuple(chosen.tolist()) not in scored:
+            scored.add(tuple(chosen.tolist()))
+            candidate = discrete_loss(chosen)
+            if candidate < best_loss:
+                best, best_loss = chosen, candidate
+    return arena.vocabulary.ids[best].tolist(), best_loss
 
 
 def run(arena: Arena, budget: UnlearnDiffBudget) -> AttackResult:
