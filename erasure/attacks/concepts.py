@@ -37,8 +37,12 @@ class AttackConcept:
         return self.spec.name
 
     def first(self, count: int) -> tuple[Context, ...]:
-        """The first `count` contexts (0: all)."""
-        return self.contexts[:count] if count else self.contexts
+        """`count` contexts spread evenly over the list (0: all): 4 of MiniCanvas's 8 styles
+        are stripes, checker, sketch and neon."""
+        if not count or count >= len(self.contexts):
+            return self.contexts
+        step = len(self.contexts) / count
+        return tuple(self.contexts[int(i * step)] for i in range(count))
 
     def record(self) -> dict[str, Any]:
         return {

@@ -175,7 +175,8 @@ TRANSFER = "ring-a-bell-transfer"
 
 def transfer_key(arena: Arena, budget: RingABellBudget) -> str:
     """What a transfer search depends on (never the defence)."""
-    return f"{TRANSFER}:{asdict(budget)}:{arena.vocabulary.record()}:{arena.seed}"
+    contexts = [c.benign for c in arena.concept.first(budget.contexts)]
+    return f"{TRANSFER}:{asdict(budget)}:{contexts}:{arena.vocabulary.record()}:{arena.seed}"
 
 
 def run(arena: Arena, budget: RingABellBudget, adaptive: bool) -> AttackResult:

@@ -42,7 +42,7 @@ class UnlearnDiffBudget:
     # the MiniCanvas base (circle, 8 contexts) 1 start reached the concept in 11 of 16
     # images, 3 starts in 14 of 16 (calibration needs >= 80%).
     restarts: int = 3
-    contexts: int = 0  # contexts attacked (0: all)
+    contexts: int = 4  # contexts attacked (0: all)
 
 
 def project_simplex(weights: torch.Tensor) -> torch.Tensor:
