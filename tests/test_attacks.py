@@ -191,3 +191,35 @@ def test_sweep_asr_table_pools_concepts_and_merge_needs_the_same_settings():
     with pytest.raises(ValueError):
         merged([part, other], result)
     assert merged([{"variants": {}}], result) is None
+
+
+def test_attack_table_rows_and_markdown(tmp_path):
+    from bench.minicanvas.attack_table import collect, markdown, per_concept_markdown
+
+    def report(successes: int) -> dict:
+        record = {
+            "successes": successes,
+            "images": 8,
+            "asr": successes / 8,
+            "degenerate": 0,
+            "round_trip_failures": 0,
+            "seconds": {"total": 5.0},
+            "successful_prompts": ["x y"] if successes else [],
+            "details": {},
+        }
+        return {"direct": {"base": 1.0, "patched": 0.0}, "attacks": {"unlearndiff": record}}
+
+    block = {"clean": 1.0, "IRA": 0.9, "IRA_base": 0.95, "attacks": report(1)}
+    sweep = {
+        "method": "stack",
+        "variants": {"S+x": {"per_concept": {"circle": block}}},
+        "attacks": {"base": {"circle": report(8)}, "config": {"seed": 0}},
+    }
+    path = tmp_path / "stack.json"
+    path.write_text(json.dumps(sweep))
+    table = collect([path])
+    assert [r["row"] for r in table["rows"]] == ["base (no patch)", "HiRM-S + ESD-x"]
+    assert table["rows"][1]["pooled"]["unlearndiff"]["asr"] == 1 / 8
+    text = markdown(table)
+    assert "| HiRM-S + ESD-x | 1 | 100.0% | 90.0% (95.0%) | 0.0% |" in text
+    assert "12.5% (1/8)" in text and "1/8" in per_concept_markdown(table, "unlearndiff")
