@@ -64,7 +64,7 @@ def test_every_manifest_validates(rendered, version):
     assert {"Deployment", "Service", "ConfigMap", "Secret", "PersistentVolumeClaim"} <= kinds
 
 
-def test_default_values_make_a_cpu_deployment_sharing_one_rwx_registry():
+def test_default_values_make_one_cpu_pod_on_a_read_write_once_registry():
     docs = _by_kind(_documents(render.render("default")))
     assert not {"HorizontalPodAutoscaler", "ScaledObject", "ServiceMonitor"} & set(docs)
     pod = docs["Deployment"]["spec"]["template"]["spec"]
@@ -78,7 +78,11 @@ def test_default_values_make_a_cpu_deployment_sharing_one_rwx_registry():
     assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
     claim = volumes["registry"]["persistentVolumeClaim"]["claimName"]
     assert claim == docs["PersistentVolumeClaim"]["metadata"]["name"]
-    assert docs["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteMany"]
+    # One pod by default: any cluster's default StorageClass serves it, and the pod may
+    # create the registry itself.
+    assert docs["Deployment"]["spec"]["replicas"] == 1
+    assert docs["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert container["args"][container["args"].index("--registry-create") + 1] == "if-missing"
     assert container["envFrom"][0]["secretRef"]["name"] == docs["Secret"]["metadata"]["name"]
     assert pod["securityContext"]["runAsNonRoot"] is True
 
@@ -152,6 +156,38 @@ def test_schema_refuses_bad_values():
             {"apiKeys": {"admin": ["plain-key-not-a-hash"]}},
             {"autoscaling": {"mode": "sometimes"}},
             {"config": {"batching": {"max_batch_size": 0}}},
+            {"registry": {"persistence": {"accessMode": "ReadOnlyMany"}}},
         ):
             with pytest.raises(helm.HelmValuesError):
                 chart.validate_schema(bad)
+
+
+KEYS = {"admin": ["sha256:" + "0" * 64]}
+RWX = {"persistence": {"accessMode": "ReadWriteMany"}}
+
+
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [
+        # Without shared keys every pod would invent its own run-only keys.
+        ({"replicaCount": 2, "registry": RWX}, "/apiKeys"),
+        ({"autoscaling": {"mode": "keda"}, "registry": RWX}, "/apiKeys"),
+        # Several pods cannot share a ReadWriteOnce volume.
+        ({"replicaCount": 2, "apiKeys": KEYS}, "/registry/persistence/accessMode"),
+        ({"autoscaling": {"mode": "hpa"}, "apiKeys": KEYS}, "ReadWriteMany"),
+    ],
+)
+def test_several_pods_need_shared_keys_and_a_read_write_many_registry(values, named):
+    import helm_python as helm
+
+    with helm.Chart.load(str(render.CHART)) as chart:
+        with pytest.raises(helm.HelmValuesError, match=named):
+            chart.validate_schema(values)
+        # Each is enough once the other is there; a Secret reference stands for the keys,
+        # and an existing claim's access mode is the user's.
+        for fixed in (
+            {**values, "apiKeys": KEYS, "registry": RWX},
+            {**values, "apiKeys": {"existingSecret": "keys"}, "registry": RWX},
+            {**values, "apiKeys": KEYS, "registry": {"persistence": {"existingClaim": "rwx"}}},
+        ):
+            chart.validate_schema(fixed)
