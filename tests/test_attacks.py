@@ -15,7 +15,7 @@ from erasure.attacks.concepts import minicanvas_concept
 from erasure.attacks.paraphrase import joins, misspellings
 from erasure.attacks.ring_a_bell import RingABellBudget, genetic_search, search_targets
 from erasure.attacks.tokens import as_text, attack_vocabulary, layout
-from erasure.attacks.unlearndiff import project_simplex
+from erasure.attacks.unlearndiff import UnlearnDiffBudget, project_simplex
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "minicanvas"
 TINY = [
@@ -155,15 +155,17 @@ def test_hardened_hirm_trains_on_the_prompts_its_search_found(minicanvas):
 
     config = hirm_config(["circle"], "S", retain=False, steps=4)
     search = RingABellBudget(population=8, generations=2)
-    hardened = harden_hirm(
-        minicanvas, config, Hardening(rounds=1, contexts=2, keep=2, search=search)
-    )
+    prefix = UnlearnDiffBudget(steps=2, restarts=1, draws=1)
+    hardening = Hardening(1, 2, 2, search, prefixes=1, prefix_search=prefix)
+    hardened = harden_hirm(minicanvas, config, hardening)
     (round_,) = hardened.rounds
     prompts = round_["concepts"]["circle"]["prompts"]
     assert len(prompts) == 4 and all("circle" not in p.split() for p in prompts)
+    (prefixed,) = round_["concepts"]["circle"]["prefixed_prompts"]
+    assert "circle" in prefixed.split()[-4:]  # a prefix before a training prompt
     params = hardened.result.patches[0].manifest.params
-    assert params["adversarial_rounds"] == 1 and params["adversarial_prompts"] == 4
-    assert hardened.result.reports[0]["prompts"] == 2 * 43 + 4  # circle, disc + found
+    assert params["adversarial_rounds"] == 1 and params["adversarial_prompts"] == 5
+    assert hardened.result.reports[0]["prompts"] == 2 * 43 + 5  # circle, disc + found
     from dataclasses import replace
 
     with pytest.raises(PromptError):

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from erasure.attacks.arena import Arena, denoising_loss
-from erasure.attacks.concepts import Context
 from erasure.attacks.results import AttackResult
-from erasure.attacks.tokens import as_text, layout, single_encoder, token_embeddings
+from erasure.attacks.tokens import Vocabulary, as_text, layout, single_encoder, token_embeddings
 
 CHECK_DRAWS = 16  # (t, eps) draws scoring each argmax candidate
 
@@ -59,12 +59,11 @@ def project_simplex(weights: torch.Tensor) -> torch.Tensor:
 class _Prefix:
     """The differentiable prompt: fixed token embeddings with the prefix slots mixed."""
 
-    def __init__(self, arena: Arena, context: Context, prefix: int):
-        self.arena = arena
-        self.encoder = arena.pipe.text_encoder
-        self.ids, self.slots = layout(arena.tokenizer, "", prefix, context.prompt)
+    def __init__(self, pipe: Any, vocabulary: Vocabulary, prompt: str, prefix: int):
+        self.encoder = pipe.text_encoder
+        self.ids, self.slots = layout(pipe.tokenizer, "", prefix, prompt)
         table = self.encoder.get_input_embeddings().weight.detach()
-        self.table = table[arena.vocabulary.ids]  # [V, width]
+        self.table = table[vocabulary.ids]  # [V, width]
         self.fixed = table[self.ids][None]  # [1, context, width]
 
     def states(self, weights: torch.Tensor) -> torch.Tensor:
@@ -76,13 +75,19 @@ class _Prefix:
 
 
 def optimise(
-    arena: Arena, context: Context, latent: torch.Tensor, budget: UnlearnDiffBudget, seed: int
+    pipe: Any,
+    vocabulary: Vocabulary,
+    prompt: str,
+    latent: torch.Tensor,
+    budget: UnlearnDiffBudget,
+    seed: int,
 ) -> tuple[list[int], float]:
-    """(prefix token ids, their loss) for one start: the argmax tokens with the lowest loss
-    seen during the run, each new argmax scored on the same `CHECK_DRAWS` (t, eps) draws."""
+    """(prefix token ids, their loss) for one start against `pipe` as it is (patched): the
+    argmax tokens with the lowest loss seen during the run, each new argmax scored on the
+    same `CHECK_DRAWS` (t, eps) draws."""
     generator = torch.Generator().manual_seed(seed)
-    prefix = _Prefix(arena, context, budget.prefix)
-    vocab = len(arena.vocabulary)
+    prefix = _Prefix(pipe, vocabulary, prompt, budget.prefix)
+    vocab = len(vocabulary)
     start = torch.randint(vocab, (budget.prefix,), generator=generator)
     weights = torch.nn.functional.one_hot(start, vocab).float().requires_grad_(True)
     optimizer = torch.optim.AdamW([weights], lr=budget.lr, weight_decay=budget.weight_decay)
@@ -92,14 +97,12 @@ def optimise(
         onehot = torch.nn.functional.one_hot(chosen, vocab).float()
         with torch.no_grad():
             states = prefix.states(onehot)
-            return float(denoising_loss(arena.pipe, latent[None], states, check, CHECK_DRAWS))
+            return float(denoising_loss(pipe, latent[None], states, check, CHECK_DRAWS))
 
     best, best_loss = start, discrete_loss(start)
     scored = {tuple(start.tolist())}
     for _ in range(budget.steps):
-        loss = denoising_loss(
-            arena.pipe, latent[None], prefix.states(weights), generator, budget.draws
-        )
+        loss = denoising_loss(pipe, latent[None], prefix.states(weights), generator, budget.draws)
         (grad,) = torch.autograd.grad(loss, [weights])
         weights.grad = grad
         optimizer.step()
@@ -111,7 +114,24 @@ def optimise(
             candidate = discrete_loss(chosen)
             if candidate < best_loss:
                 best, best_loss = chosen, candidate
-    return arena.vocabulary.ids[best].tolist(), best_loss
+    return vocabulary.ids[best].tolist(), best_loss
+
+
+def best_prefix(
+    pipe: Any,
+    vocabulary: Vocabulary,
+    prompt: str,
+    latent: torch.Tensor,
+    budget: UnlearnDiffBudget,
+    seed: int,
+) -> tuple[list[int], float, list[float]]:
+    """The lowest-loss prefix of `budget.restarts` starts (seeds seed, seed + 1, ...): its
+    token ids, its loss, and every start's loss."""
+    tries = [
+        optimise(pipe, vocabulary, prompt, latent, budget, seed + r) for r in range(budget.restarts)
+    ]
+    ids, loss = min(tries, key=lambda t: t[1])
+    return ids, loss, [t[1] for t in tries]
 
 
 def run(arena: Arena, budget: UnlearnDiffBudget) -> AttackResult:
@@ -132,17 +152,16 @@ def run(arena: Arena, budget: UnlearnDiffBudget) -> AttackResult:
         if context.name not in by_context:
             continue
         latent = images.latents[by_context[context.name]]
-        tries = [
-            optimise(arena, context, latent, budget, arena.seed + 1000 * number + r)
-            for r in range(budget.restarts)
-        ]
-        ids, loss = min(tries, key=lambda t: t[1])
+        seed = arena.seed + 1000 * number
+        ids, loss, losses = best_prefix(
+            arena.pipe, arena.vocabulary, context.prompt, latent, budget, seed
+        )
         text = as_text(arena.tokenizer, ids)
         prompt = f"{text.text} {context.prompt}".strip()
         fields = {
             "ids": text.ids,
             "round_trips": text.round_trips,
-            "extra": {"prefix": text.text, "loss": loss, "restart_losses": [t[1] for t in tries]},
+            "extra": {"prefix": text.text, "loss": loss, "restart_losses": losses},
         }
         items.append((context, prompt, fields))
     searched = time.perf_counter()

@@ -1,13 +1,16 @@
 """Adversarially hardened HiRM (in the spirit of AdvUnlearn): attacks on the patch are folded
 back into its training.
 
-Round 0 is plain HiRM. Each later round runs the adaptive Ring-A-Bell search (erasure/
-attacks/ring_a_bell.py) against the current patch's text encoder - token sequences, without
-the concept's own words, whose PATCHED encoding lands where a benign prompt plus the concept
-would in the original encoder - keeps the best few distinct sequences per context, and
-retrains HiRM from the base with every sequence found so far added to its erase set, each
-sent where its benign twin goes (HirmConfig.adversarial). The search reads only the text
-encoder, so a round costs a few encoder-only searches and one HiRM run, no image.
+Round 0 is plain HiRM. Each later round attacks the current patch and retrains HiRM from the
+base with every prompt found so far added to its erase set, each sent where its benign twin
+goes (HirmConfig.adversarial):
+- the adaptive Ring-A-Bell search (erasure/attacks/ring_a_bell.py) against the patched text
+  encoder: token sequences without the concept's own words whose PATCHED encoding lands where
+  a benign prompt plus the concept would in the original encoder; the best few distinct
+  sequences per context, twinned with that benign prompt;
+- the UnlearnDiffAtk-style prefix search (erasure/attacks/unlearndiff.py) through the patched
+  model's denoising loss on the base's image of a concept prompt: "prefix + prompt",
+  twinned with "prefix + benign prompt".
 
 The contexts are the method's own training templates (never an evaluation template), so an
 attack run afterwards on held-out prompts is not the search the patch was trained against.
@@ -21,8 +24,10 @@ from typing import Any
 
 import torch
 
+from erasure.attacks.generation import Sampling
 from erasure.attacks.ring_a_bell import RingABellBudget, genetic_search, search_targets
-from erasure.attacks.tokens import as_text, attack_vocabulary, single_encoder
+from erasure.attacks.tokens import Vocabulary, as_text, attack_vocabulary, single_encoder
+from erasure.attacks.unlearndiff import UnlearnDiffBudget, best_prefix
 from erasure.hirm.config import HirmConfig
 from erasure.hirm.train import HirmResult, erase_hirm
 from erasure.prompts import PromptError, fill
@@ -31,9 +36,13 @@ from erasure.prompts import PromptError, fill
 @dataclass(frozen=True)
 class Hardening:
     rounds: int = 2  # adversarial rounds after the plain patch
-    contexts: int = 8  # training templates searched from, per concept and round
-    keep: int = 4  # distinct sequences kept per context and round
+    contexts: int = 4  # training templates searched from, per concept and round
+    keep: int = 4  # distinct Ring-A-Bell sequences kept per context and round
     search: RingABellBudget = field(default_factory=RingABellBudget)
+    # Training templates per concept and round attacked with the UnlearnDiffAtk-style prefix
+    # search through the patched model (0: Ring-A-Bell only).
+    prefixes: int = 4
+    prefix_search: UnlearnDiffBudget = field(default_factory=UnlearnDiffBudget)
     seed: int = 0
 
 
@@ -96,13 +105,60 @@ def adversarial_prompts(
                 text = as_text(tokenizer, ids).text
                 found.append((spec.name, text, twin))
                 prompts.append(text)
+        prefixed = _prefixed(
+            pipe, patches, spec.name, templates, benign, vocabulary, hardening, round_
+        )
+        found += [(spec.name, prompt, twin) for prompt, twin in prefixed]
         report["concepts"][spec.name] = {
             "prompts": prompts,
+            "prefixed_prompts": [prompt for prompt, _ in prefixed],
             "fitness": result.fitness,
             "start_fitness": result.start_fitness,
         }
     report["seconds"] = round(time.perf_counter() - started, 2)
     return found, report
+
+
+def _prefixed(
+    pipe: Any,
+    patches: list,
+    name: str,
+    templates: list[str],
+    benign: list[str],
+    vocabulary: Vocabulary,
+    hardening: Hardening,
+    round_: int,
+) -> list[tuple[str, str]]:
+    """(prefix + prompt, prefix + benign twin) for the first `hardening.prefixes` templates:
+    the prefix found through the patched model's denoising loss on the base's image of the
+    prompt (unlearndiff.best_prefix)."""
+    count = min(hardening.prefixes, len(templates))
+    if not count:
+        return []
+    prompts = [fill([t], name)[0] for t in templates[:count]]
+    sampling = Sampling(())
+    with torch.no_grad():
+        latents = pipe(
+            prompts,
+            num_inference_steps=sampling.steps,
+            guidance_scale=sampling.guidance,
+            generator=[torch.Generator().manual_seed(7100 + 10 * round_ + i) for i in range(count)],
+            output_type="latent",
+        ).images
+    for patch in patches:
+        patch.apply(pipe)
+    try:
+        out = []
+        for i, (prompt, twin) in enumerate(zip(prompts, benign, strict=False)):
+            seed = hardening.seed + 5000 * round_ + 100 * i
+            search = hardening.prefix_search
+            ids, _, _ = best_prefix(pipe, vocabulary, prompt, latents[i], search, seed)
+            text = as_text(pipe.tokenizer, ids).text
+            out.append((f"{text} {prompt}", f"{text} {twin}"))
+    finally:
+        for patch in reversed(patches):
+            patch.remove(pipe)
+    return out
 
 
 def harden_hirm(pipe: Any, config: HirmConfig, hardening: Hardening) -> HardenedResult:
