@@ -33,6 +33,7 @@ path: they reach tenants inside 503 answers.
 from __future__ import annotations
 
 import fcntl
+import io
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -69,7 +70,13 @@ from patches.registry_records import (
     resolve_ref,
     rollback_target,
 )
-from patches.registry_state import RegistryState, state_problems, unknown_tenant
+from patches.registry_state import (
+    RegistryChanges,
+    RegistryState,
+    diff_states,
+    state_problems,
+    unknown_tenant,
+)
 
 if TYPE_CHECKING:
     from patches.patch import Patch
@@ -110,6 +117,8 @@ class LocalRegistry(Registry):
             raise RegistryError(f"registry location {self.root} exists and is not a directory")
         # Replaced whole, never changed, so reader threads always see a coherent entry.
         self._cache: _Cached | None = None
+        # The state the change feed last answered with: what it diffs the next one from.
+        self._feed_base: RegistryState | None = None
         if create and not self._state_path.exists():
             self._make_directories()
             with self._locked():
@@ -226,6 +235,18 @@ class LocalRegistry(Registry):
     def generation(self) -> int:
         return self._snapshot().generation
 
+    def changes_since(self, generation: int | None) -> RegistryChanges:
+        """By diffing the state read now against the one this object last answered with
+        (state.json holds no history of changes): what changed costs a read and a compare of
+        the whole state, paid only when the generation moved."""
+        state = self._snapshot()
+        if generation == state.generation:
+            return RegistryChanges(generation, generation)
+        base, self._feed_base = self._feed_base, state
+        if base is None or base.generation != generation:
+            return RegistryChanges.everything(generation, state)
+        return diff_states(base, state)
+
     def resolve(self, ref: str) -> str:
         return resolve_ref(self._snapshot().patches, ref)
 
@@ -253,6 +274,29 @@ class LocalRegistry(Registry):
     def list_tenants(self) -> list[TenantRecord]:
         tenants = self._snapshot().tenants
         return [tenants[name] for name in sorted(tenants)]
+
+    def import_copy(self, state: RegistryState, patch_bytes: Callable[[str], bytes]) -> None:
+        problems = state_problems(state)
+        if problems:
+            raise RegistryCorrupt(
+                f"the registry to copy is inconsistent ({len(problems)} problem(s)): "
+                + "; ".join(problems[:5])
+            )
+        with self._writing() as current:
+            if current.generation != 0 or current.patches or current.tenants:
+                raise RegistryExists(
+                    f"this registry is not new and empty (generation {current.generation}): "
+                    "a copy goes into a new registry only"
+                )
+            if state.generation == 0:
+                return
+            for pid in state.patches:
+                file = io.BytesIO(patch_bytes(pid))
+                checked, _ = check_file(file, self.limits)
+                if checked.sha256 != pid:
+                    raise RegistryCorrupt(f"the copy's file for patch {pid[:12]} is not it")
+                self.blobs.store(file, checked)  # every file before the state naming it
+            self._save(state)
 
     # --- writing ------------------------------------------------------------------------
 

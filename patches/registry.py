@@ -1,10 +1,13 @@
 """The patch registry: a versioned, content-addressed store of patches and tenant stacks.
 
-`Registry` is the small interface every backend implements (a local directory now, an
-S3-compatible bucket later). Records crossing it are frozen dataclasses with `to_dict()` for
-JSON output. Every write bumps one registry-wide `generation`, which server workers poll
-before each batch to learn that something changed. A registry is created explicitly; once
-it exists, a missing state is an error, never an empty registry (fail closed).
+`Registry` is the small interface every backend implements: a local directory
+(`local_registry.py`, the embedded default for one machine) and a PostgreSQL database
+(`pg_registry.py`, for replicas on many nodes). Records crossing it are frozen dataclasses
+with `to_dict()` for JSON output. Every write bumps one registry-wide `generation`; server
+workers ask for the changes since the generation they hold before each batch
+(`changes_since`), so a refresh costs what changed, not what the registry holds. A registry
+is created explicitly; once it exists, a missing state is an error, never an empty registry
+(fail closed).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from patches.registry_records import (
 
 if TYPE_CHECKING:
     from patches.patch import Patch
-    from patches.registry_state import RegistryState
+    from patches.registry_state import RegistryChanges, RegistryState
 
 __all__ = [
     "HISTORY_LIMIT",
@@ -38,7 +41,10 @@ __all__ = [
     "TenantRecord",
     "open_registry",
     "resolve_ref",
+    "shown_location",
 ]
+
+DATABASE_SCHEMES = ("postgresql", "postgres")
 
 
 # --- the interface ---------------------------------------------------------------------
@@ -55,6 +61,13 @@ class Registry(ABC):
     def snapshot(self) -> RegistryState:
         """One consistent view of generation, patch records and tenant records (as cheap as
         `generation` when nothing changed), so a reader never mixes two generations."""
+
+    @abstractmethod
+    def changes_since(self, generation: int | None) -> RegistryChanges:
+        """The change feed: what a reader holding the registry at `generation` needs to
+        reach the current one - records created or changed since, names and ids removed -
+        in one consistent read. Empty (and as cheap as `generation`) when nothing changed;
+        `full` (everything) for None or a generation the backend cannot diff from."""
 
     @abstractmethod
     def put_patch_file(
@@ -139,17 +152,51 @@ class Registry(ABC):
         so every worker rebuilds from it. Damaged patch files it names are left to `check`
         (their tenants fail closed)."""
 
+    @abstractmethod
+    def import_copy(self, state: RegistryState, patch_bytes: Callable[[str], bytes]) -> None:
+        """Fill this registry, which must exist and be empty (generation 0), with a copy of
+        another: `state` (generation, records, tenants with their histories, version
+        counters) and the file `patch_bytes(id)` of every patch, each checked against its id
+        before it is stored (`conceptguard registry migrate`). All or nothing where the
+        backend has transactions; elsewhere a failure leaves it empty (stray files are
+        orphans that the next put of the same bytes rewrites)."""
+
+    def close(self) -> None:  # noqa: B027 (most backends hold nothing open)
+        """Release what the backend holds open (database connections); reads and writes
+        may follow, and reopen them."""
+
+
+def is_database_url(location: str | Path) -> bool:
+    scheme, sep, _ = str(location).partition("://")
+    return bool(sep) and scheme.lower() in DATABASE_SCHEMES
+
+
+def shown_location(location: str | Path) -> str:
+    """`location` as it may be printed or logged: a database URL without its password."""
+    if not is_database_url(location):
+        return str(location)
+    from patches.pg_connect import redacted
+
+    return redacted(str(location))
+
 
 def open_registry(location: str | Path, create: bool = True) -> Registry:
-    """The registry at `location`, a local directory. With `create`, a location holding no
-    registry (missing or empty) gets a new, empty one; one whose state is missing is never
-    re-initialised (reading or writing it raises RegistryStateMissing)."""
+    """The registry at `location`: a local directory, or a PostgreSQL database
+    (`postgresql://USER@HOST:PORT/DB`, any libpq URL; the password best comes from the
+    environment or a password file, PGPASSWORD / PGPASSFILE). With `create`, a location
+    holding no registry (a missing or empty directory, a database without the registry's
+    schema) gets a new, empty one; one whose state is missing is never re-initialised
+    (reading or writing it raises RegistryStateMissing)."""
     text = str(location)
     scheme, sep, _ = text.partition("://")
+    if is_database_url(text):
+        from patches.pg_registry import PostgresRegistry
+
+        return PostgresRegistry(text, create=create)
     if sep:
         raise RegistryError(
-            f"registry location {text!r}: {scheme}:// registries are not supported yet; "
-            "give a local directory path"
+            f"registry location {shown_location(text)!r}: {scheme}:// registries are not "
+            "supported; give a local directory path or a postgresql:// URL"
         )
     from patches.local_registry import LocalRegistry
 

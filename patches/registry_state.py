@@ -1,7 +1,8 @@
 """The registry's state document: one JSON object that a write replaces as a whole.
 
-A backend stores it atomically (a local file now, an object in a bucket later); every
-consistency rule that needs no patch bytes lives here so that each backend shares it.
+The local backend stores it atomically; the database backend keeps it as rows and assembles
+it on demand. Every consistency rule that needs no patch bytes lives here so that each
+backend shares it, and so does the change feed's unit, `RegistryChanges`.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -73,6 +75,69 @@ class RegistryState:
             if tenant.tenant != name:
                 raise ValueError(f"tenant key {name!r} differs from its record")
         return cls(generation, patches, tenants, versions)
+
+
+@dataclass(frozen=True)
+class RegistryChanges:
+    """What a reader at generation `since` needs to reach `generation` (the change feed):
+    the records created or changed after `since` and the names or ids removed. `full` means
+    the reader cannot be brought forward by a difference (it had nothing, its generation is
+    not one this registry can diff from, or the registry was restored): `tenants` and
+    `patches` then hold everything, and anything the reader has that they lack is gone."""
+
+    since: int | None
+    generation: int
+    full: bool = False
+    tenants: Mapping[str, TenantRecord] = field(default_factory=dict)
+    removed_tenants: frozenset[str] = frozenset()
+    patches: Mapping[str, PatchRecord] = field(default_factory=dict)
+    removed_patches: frozenset[str] = frozenset()
+
+    @property
+    def empty(self) -> bool:
+        """Nothing changed: the reader is at the registry's generation already."""
+        return not self.full and self.since == self.generation
+
+    @classmethod
+    def everything(cls, since: int | None, state: RegistryState) -> RegistryChanges:
+        return cls(since, state.generation, True, state.tenants, patches=state.patches)
+
+
+def diff_states(old: RegistryState | None, new: RegistryState) -> RegistryChanges:
+    """The changes that bring a reader holding `old` to `new` (everything when `old` is
+    None, or from another line of generations: not below `new`'s)."""
+    if old is None or old.generation > new.generation:
+        return RegistryChanges.everything(old.generation if old else None, new)
+    if old.generation == new.generation:
+        return RegistryChanges(old.generation, new.generation)
+    tenants = {n: r for n, r in new.tenants.items() if old.tenants.get(n) != r}
+    patches = {p: r for p, r in new.patches.items() if old.patches.get(p) != r}
+    return RegistryChanges(
+        old.generation,
+        new.generation,
+        tenants=tenants,
+        removed_tenants=frozenset(old.tenants.keys() - new.tenants.keys()),
+        patches=patches,
+        removed_patches=frozenset(old.patches.keys() - new.patches.keys()),
+    )
+
+
+def apply_changes(state: RegistryState, changes: RegistryChanges) -> RegistryState:
+    """`state` brought forward by `changes` (not `full` ones: they carry no version
+    counters); a version counter moves with every patch added."""
+    if changes.full:
+        raise ValueError("a full change set replaces a state; it does not apply to one")
+    tenants, patches = dict(state.tenants), dict(state.patches)
+    for name in changes.removed_tenants:
+        tenants.pop(name, None)
+    for pid in changes.removed_patches:
+        patches.pop(pid, None)
+    tenants.update(changes.tenants)
+    patches.update(changes.patches)
+    versions = dict(state.versions)
+    for record in changes.patches.values():
+        versions[record.name] = max(versions.get(record.name, 0), record.version)
+    return RegistryState(changes.generation, patches, tenants, versions)
 
 
 def state_problems(state: RegistryState) -> list[str]:

@@ -1,9 +1,12 @@
 """The per-worker patch runtime: which stack each tenant is served with, kept in step with the
 registry.
 
-Before every batch (and while idle) the worker calls `refresh()`. It reads the registry's
-snapshot (one `stat` when nothing changed) and returns at once: tenants whose record did not
-change keep their state; a tenant whose stack changed is *pending* until its new stack is
+Before every batch (and while idle) the worker calls `refresh()`. It asks the registry for
+the changes since the generation it holds (`Registry.changes_since`: one `stat` or one
+query when nothing changed) and returns at once: only the tenants the changes name (and
+those still waiting for a build or a retry) are looked at again, so a refresh costs what
+changed, not the number of tenants; the others keep their state. A tenant whose stack
+changed is *pending* until its new stack is
 built, and its requests wait for it (the worker loop holds them back) - they are never
 served by the stack it had before, and nobody else waits for it. Builds are
 stage - validate - commit, and the slow part runs on a build thread, off the batch path:
@@ -46,6 +49,7 @@ from typing import Any, Protocol
 from patches.errors import ConceptGuardError
 from patches.patch import Patch
 from patches.registry import Registry, TenantRecord
+from patches.registry_state import RegistryChanges
 from patches.signature import ModelSignature
 from patches.stacks import ComposedWeights, base_parameters, compose_weight_stack
 from patches.targets import denoiser_component, pipeline_components
@@ -225,6 +229,10 @@ class PatchRuntime:
         self.loaded_cache_bytes = LOADED_CACHE_BYTES
         self._plans: OrderedDict[tuple[str, ...], _Plan] = OrderedDict()
         self._snapshot = RuntimeSnapshot(generation=-1)
+        # The registry's tenant records as of the snapshot, and the tenants whose state
+        # waits for a build or a retry: what a refresh looks at besides the changes.
+        self._records: dict[str, TenantRecord] = {}
+        self._unsettled: set[str] = set()
 
     @property
     def snapshot(self) -> RuntimeSnapshot:
@@ -237,14 +245,16 @@ class PatchRuntime:
         """Catch up with the registry; returns the snapshot a batch should use. Builds of
         changed stacks run on the build thread; `wait` waits for them (start-up, tests)."""
         current = self._snapshot
+        # After a failure the tenants are gone from the snapshot: read everything again.
+        since = None if current.registry_error or current.generation < 0 else current.generation
         try:
-            state = self.registry.snapshot()
+            changes = self.registry.changes_since(since)
         except (ConceptGuardError, OSError) as exc:
             if str(exc) != current.registry_error:  # logged when it changes, not every pass
                 logger.error("cannot read the registry; failing every tenant closed: %s", exc)
             self._snapshot = RuntimeSnapshot(current.generation, {}, registry_error=str(exc))
             return self._snapshot
-        new_generation = state.generation != current.generation or current.registry_error
+        new_generation = changes.generation != current.generation or current.registry_error
         if new_generation:
             # Any registry change retries every failed stack at once.
             self._failures.clear()
@@ -255,16 +265,37 @@ class PatchRuntime:
         finished, fresh = self._commit_finished()
         if not (new_generation or finished or self._retry_due()):
             return current
-        tenants = {}
-        for name, record in state.tenants.items():
-            tenants[name] = self._state(record, current.tenants.get(name), fresh)
-        self._snapshot = RuntimeSnapshot(state.generation, MappingProxyType(tenants))
+        tenants = self._tenant_states(changes, current, fresh)
+        self._snapshot = RuntimeSnapshot(changes.generation, MappingProxyType(tenants))
         self._prune_cache()
         if new_generation:
-            self.events.generation_seen(state.generation)
+            self.events.generation_seen(changes.generation)
         if wait and not self._snapshot.settled and self._builds:
             return self.refresh(wait=True)
         return self._snapshot
+
+    def _tenant_states(
+        self,
+        changes: RegistryChanges,
+        current: RuntimeSnapshot,
+        fresh: Mapping[tuple[str, ...], float],
+    ) -> dict[str, TenantState]:
+        """Every tenant's state after `changes`: the tenants they name (all of them when they
+        are everything) and the unsettled ones are looked at again; the rest keep theirs."""
+        if changes.full:
+            self._records = dict(changes.tenants)
+            tenants, names = {}, set(self._records)
+        else:
+            tenants = dict(current.tenants)
+            for name in changes.removed_tenants:
+                self._records.pop(name, None)
+                tenants.pop(name, None)
+            self._records.update(changes.tenants)
+            names = (self._unsettled | changes.tenants.keys()) & self._records.keys()
+        for name in names:
+            tenants[name] = self._state(self._records[name], current.tenants.get(name), fresh)
+        self._unsettled = {name for name in names if not tenants[name].ready}
+        return tenants
 
     def _state(
         self, record: TenantRecord, old: TenantState | None, fresh: Mapping[tuple[str, ...], float]

@@ -1,5 +1,7 @@
 """Registry writers for the crash and concurrency tests (run as a script, never imported).
 
+REGISTRY is a directory or a postgresql:// URL (tests/pg_server.py).
+
     registry_writer.py zygote REGISTRY PATCH_DIR
         Imports the registry (and torch, ~1.5 s) once, then obeys stdin lines:
         `run SEED` forks a writer that loops random puts, deletes, assignments and
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import patches.patch  # noqa: F401  (import torch before forking, not in every writer)
 from patches.errors import NothingToRollBack, PatchNotFound
-from patches.local_registry import LocalRegistry
+from patches.registry import is_database_url, open_registry
 
 TENANTS = ("t0", "t1", "t2")
 
@@ -35,7 +37,7 @@ def emit(line: str) -> None:
 
 
 def write_forever(registry_dir: str, patch_dir: str, seed: int) -> None:
-    registry = LocalRegistry(registry_dir)
+    registry = open_registry(registry_dir)
     files = [path.read_bytes() for path in sorted(Path(patch_dir).glob("*.safetensors"))]
     by_id = {hashlib.sha256(data).hexdigest(): data for data in files}
     rng = random.Random(seed)
@@ -77,6 +79,8 @@ def write_forever(registry_dir: str, patch_dir: str, seed: int) -> None:
 
 
 def zygote(registry_dir: str, patch_dir: str) -> None:
+    if is_database_url(registry_dir):
+        import psycopg  # noqa: F401  (imported once, before forking; no connection yet)
     emit("zygote ready")
     for line in sys.stdin:
         command, _, arg = line.strip().partition(" ")
@@ -96,7 +100,7 @@ def zygote(registry_dir: str, patch_dir: str) -> None:
 
 
 def concurrent(registry_dir: str, patch_dir: str, index: int, assigns: int) -> None:
-    registry = LocalRegistry(registry_dir)
+    registry = open_registry(registry_dir)
     files = sorted(Path(patch_dir).glob(f"w{index}-*.safetensors"))
     emit("ready")
     sys.stdin.readline()

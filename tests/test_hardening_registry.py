@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import lora_patch, run_conceptguard, text_encoder_patch
+from registry_backends import BACKENDS, new_registry, stored
 from safetensors.torch import save as save_safetensors
 
 from patches.errors import (
@@ -37,6 +38,11 @@ from patches.targets import hash_named_tensors
 @pytest.fixture(scope="module")
 def files(make_patch_bytes) -> list[bytes]:
     return [make_patch_bytes(i) for i in range(3)]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    return request.param
 
 
 def _files_under(root: Path) -> dict[str, bytes]:
@@ -119,8 +125,8 @@ def test_recover_restores_a_copy_above_every_generation_issued(tmp_path, files):
         registry.recover(backup)
 
 
-def test_assigning_a_tenant_with_no_record_must_be_asked_for(tmp_path):
-    registry = LocalRegistry(tmp_path / "registry")
+def test_assigning_a_tenant_with_no_record_must_be_asked_for(backend, tmp_path):
+    registry = new_registry(backend, tmp_path)
     with pytest.raises(TenantNotFound, match="--create"):
         registry.set_tenant("acmee", [], create=False)
     registry.set_tenant("acme", [], create=True)
@@ -133,21 +139,21 @@ def _named(tiny_sd, name: str) -> bytes:
     return Patch(manifest, patch.tensors).to_bytes()
 
 
-def test_a_manifest_name_must_be_a_plain_name(tmp_path, tiny_sd, files):
-    registry = LocalRegistry(tmp_path / "registry")
+def test_a_manifest_name_must_be_a_plain_name(backend, tmp_path, tiny_sd, files):
+    registry = new_registry(backend, tmp_path)
     x = registry.put_patch(files[0], name="x")
-    before = _files_under(registry.root)
+    before = stored(registry)
     for hostile in ("../../x", "X", "x/../y", "a b"):
         with pytest.raises(InvalidName, match="not a plain patch name"):
             registry.put_patch(_named(tiny_sd, hostile))
-    assert _files_under(registry.root) == before
+    assert stored(registry) == before
     assert registry.list_patches() == [x]
     # An explicit name is the way to register such a file.
     assert registry.put_patch(_named(tiny_sd, "../../x"), name="y").ref == "y@1"
 
 
-def test_identical_bytes_under_another_name_are_refused(tmp_path, files):
-    registry = LocalRegistry(tmp_path / "registry")
+def test_identical_bytes_under_another_name_are_refused(backend, tmp_path, files):
+    registry = new_registry(backend, tmp_path)
     record = registry.put_patch(files[0], name="circle")
     with pytest.raises(PatchExists, match=r"registered already as circle@1"):
         registry.put_patch(files[0], name="square")
@@ -189,7 +195,7 @@ def test_a_file_checked_from_disk_agrees_with_loading_it(tiny_sd, tmp_path):
         assert shapes == {n: tuple(t.shape) for n, t in patch.tensors.items()}
 
 
-def test_a_large_file_is_checked_and_stored_in_bounded_memory(tiny_sd, tmp_path):
+def test_a_large_file_is_checked_and_stored_in_bounded_memory(backend, tiny_sd, tmp_path):
     # 96 MiB in two dtypes stored out of name order, so both hashing passes run.
     tensors = {
         "a.weight": torch.zeros(8 * 2**20, dtype=torch.float16),
@@ -201,7 +207,7 @@ def test_a_large_file_is_checked_and_stored_in_bounded_memory(tiny_sd, tmp_path)
     path = tmp_path / "big.safetensors"
     path.write_bytes(save_safetensors(tensors, metadata={METADATA_KEY: manifest.to_json()}))
     del tensors
-    registry = LocalRegistry(tmp_path / "registry")
+    registry = new_registry(backend, tmp_path)
     tracemalloc.start()
     with open(path, "rb") as file:
         registered = registry.put_patch_file(file)

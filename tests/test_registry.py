@@ -1,4 +1,5 @@
-"""The patch registry: records, references, tenants, rollback, refusals and its CLI."""
+"""The patch registry: records, references, tenants, rollback, refusals and its CLI, on
+every backend (a local directory, a real PostgreSQL database)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,15 @@ from pathlib import Path
 
 import pytest
 from conftest import run_conceptguard
+from registry_backends import (
+    BACKENDS,
+    blob_ids,
+    location,
+    new_registry,
+    overwrite_blob,
+    remove_blob,
+    stored,
+)
 
 from patches.errors import (
     AmbiguousReference,
@@ -27,7 +37,7 @@ from patches.errors import (
     TenantNotFound,
 )
 from patches.local_registry import RACY_NS, LocalRegistry
-from patches.registry import HISTORY_LIMIT, PatchRecord, open_registry, resolve_ref
+from patches.registry import HISTORY_LIMIT, PatchRecord, Registry, open_registry, resolve_ref
 
 
 @pytest.fixture(scope="module")
@@ -36,15 +46,14 @@ def files(make_patch_bytes) -> list[bytes]:
     return [make_patch_bytes(i) for i in range(6)]
 
 
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    return request.param
+
+
 @pytest.fixture
-def registry(tmp_path) -> LocalRegistry:
-    return LocalRegistry(tmp_path / "registry")
-
-
-def _snapshot(root: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
-    }
+def registry(backend, tmp_path) -> Registry:
+    return new_registry(backend, tmp_path)
 
 
 def test_put_get_list_and_resolve(registry, files):
@@ -133,7 +142,7 @@ def test_delete_is_refused_while_a_tenant_uses_the_patch(registry, files):
     assert registry.delete_patch(record.ref) == record
     assert registry.generation() == generation + 1
     assert registry.list_patches() == []
-    assert list((registry.root / "blobs").iterdir()) == []
+    assert blob_ids(registry) == set()
     with pytest.raises(PatchNotFound):
         registry.delete_patch(record.id)
     assert registry.check() == []
@@ -161,14 +170,14 @@ def test_tenants_set_get_list_delete(registry, files):
 
 def test_bad_stacks_are_refused_and_write_nothing(registry, files):
     a = registry.put_patch(files[0])
-    before = _snapshot(registry.root)
+    before = stored(registry)
     with pytest.raises(InvalidName, match="twice"):
         registry.set_tenant("acme", [a.id, a.ref])
     with pytest.raises(PatchNotFound):
         registry.set_tenant("acme", [a.id, "missing"])
     with pytest.raises(TypeError):
         registry.set_tenant("acme", a.id)
-    assert _snapshot(registry.root) == before
+    assert stored(registry) == before
 
 
 @pytest.mark.parametrize(
@@ -246,7 +255,7 @@ def test_every_write_adds_exactly_one_generation(registry, files):
 
 def test_a_refused_upload_writes_nothing(registry, files):
     registry.put_patch(files[0])
-    before, generation = _snapshot(registry.root), registry.generation()
+    before, generation = stored(registry), registry.generation()
 
     def wrong_base(patch) -> None:
         raise BaseFingerprintMismatch("not this server's model")
@@ -262,7 +271,7 @@ def test_a_refused_upload_writes_nothing(registry, files):
     for data, kwargs, error in refusals:
         with pytest.raises(error):
             registry.put_patch(data, **kwargs)
-    assert _snapshot(registry.root) == before
+    assert stored(registry) == before
     assert registry.generation() == generation
 
 
@@ -274,21 +283,24 @@ def test_default_names_are_sanitised(registry, files):
 def test_a_damaged_store_is_reported_not_served(registry, files):
     record = registry.put_patch(files[0])
     registry.put_patch(files[1])
-    blob = registry.root / "blobs" / f"{record.id}.safetensors"
-    blob.write_bytes(files[1])
+    overwrite_blob(registry, record.id, files[1])
     with pytest.raises(RegistryCorrupt, match="not its id"):
         registry.load_patch(record.id)
     assert any("does not match its id" in p for p in registry.check())
-    blob.unlink()
+    remove_blob(registry, record.id)
     with pytest.raises(RegistryCorrupt, match="missing"):
         registry.get_patch_bytes(record.id)
+    assert any("missing" in p for p in registry.check())
+    if not isinstance(registry, LocalRegistry):
+        return
     (registry.root / "state.json").write_text('{"format": 1, "generation": "x"')
     with pytest.raises(RegistryCorrupt, match=r"state\.json"):
         registry.list_patches()
     assert len(registry.check()) == 1
 
 
-def test_leftovers_of_a_crashed_writer_are_harmless(registry, files):
+def test_leftovers_of_a_crashed_writer_are_harmless(tmp_path, files):
+    registry = LocalRegistry(tmp_path / "registry")
     record = registry.put_patch(files[0])
     orphan = registry.put_patch(files[1])
     registry.delete_patch(orphan.id)
@@ -301,8 +313,9 @@ def test_leftovers_of_a_crashed_writer_are_harmless(registry, files):
     assert registry.put_patch(files[1]).id == orphan.id
 
 
-def test_generation_sees_every_write_of_another_process_view(tmp_path, files):
-    writer, reader = LocalRegistry(tmp_path / "r"), LocalRegistry(tmp_path / "r")
+def test_generation_sees_every_write_of_another_process_view(backend, tmp_path, files):
+    where = location(backend, tmp_path)
+    writer, reader = open_registry(where), open_registry(where)
     assert reader.generation() == 0
     for expected in range(1, 41):
         # Same size, rapid writes: the stat key alone could repeat within one mtime tick.
@@ -328,14 +341,14 @@ def test_generation_is_cheap(tmp_path, files):
 def test_open_registry(tmp_path):
     assert isinstance(open_registry(str(tmp_path / "new" / "dir")), LocalRegistry)
     assert (tmp_path / "new" / "dir" / "blobs").is_dir()
-    with pytest.raises(RegistryError, match="not supported yet"):
+    with pytest.raises(RegistryError, match="s3:// registries are not supported"):
         open_registry("s3://bucket/prefix")
 
 
 # --- the CLI, through real processes ------------------------------------------------------
 
 
-def _cli(registry_dir: Path, *args: str) -> subprocess.CompletedProcess:
+def _cli(registry_dir: Path | str, *args: str) -> subprocess.CompletedProcess:
     return run_conceptguard("registry", "--dir", str(registry_dir), *args)
 
 
@@ -345,8 +358,8 @@ def _refused(result: subprocess.CompletedProcess, error: str) -> None:
     assert result.stderr.count("\n") == 1 and error in result.stderr, result.stderr
 
 
-def test_cli_round_trip(tmp_path, files):
-    registry_dir = tmp_path / "registry"
+def test_cli_round_trip(backend, tmp_path, files):
+    registry_dir = location(backend, tmp_path)
     good, bad = tmp_path / "good.safetensors", tmp_path / "bad.safetensors"
     good.write_bytes(files[0])
     bad.write_bytes(files[0][:-3])
@@ -377,6 +390,6 @@ def test_cli_round_trip(tmp_path, files):
 
     check = _cli(registry_dir, "check")
     assert (check.returncode, check.stdout.split(":")[0]) == (0, "ok")
-    (registry_dir / "blobs" / f"{record['id']}.safetensors").write_bytes(files[1])
+    overwrite_blob(open_registry(registry_dir, create=False), record["id"], files[1])
     check = _cli(registry_dir, "check")
     assert check.returncode == 1 and "does not match its id" in check.stdout

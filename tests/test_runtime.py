@@ -1,4 +1,5 @@
-"""The per-worker patch runtime: what it rebuilds on a registry change, and failing closed."""
+"""The per-worker patch runtime: what it rebuilds on a registry change, and failing closed, on
+every registry backend (a local directory, a real PostgreSQL database)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import time
 
 import pytest
 from conftest import lora_patch, text_encoder_patch, unet_weights_patch
+from registry_backends import BACKENDS, new_registry, overwrite_blob, sql
 
-from patches.registry import open_registry
+from patches.local_registry import LocalRegistry
 from server.denoiser_routing import DenoiserRouter
 from server.errors import RegistryUnavailable, StackNotReady
 from server.runtime import PatchRuntime, StackBuilding
@@ -31,9 +33,9 @@ class Recorder:
         self.generations.append(generation)
 
 
-@pytest.fixture
-def registry(tmp_path):
-    return open_registry(tmp_path / "registry")
+@pytest.fixture(params=BACKENDS)
+def registry(request, tmp_path):
+    return new_registry(request.param, tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +87,7 @@ def test_rollback_reuses_the_built_plan(registry, tiny_sd, patch_files):
 
 def test_a_corrupt_patch_fails_its_tenant_closed(registry, tiny_sd, patch_files):
     good, bad = (registry.put_patch(patch_files[i]).id for i in range(2))
-    (registry.root / "blobs" / f"{bad}.safetensors").write_bytes(b"not a patch" * 10)
+    overwrite_blob(registry, bad, b"not a patch" * 10)
     registry.set_tenant("a", [bad])
     registry.set_tenant("b", [good])
     runtime, events = _runtime(registry, tiny_sd)
@@ -104,12 +106,11 @@ def test_a_corrupt_patch_fails_its_tenant_closed(registry, tiny_sd, patch_files)
 
 def test_failed_tenants_are_retried_on_the_next_generation(registry, tiny_sd, patch_files):
     pid = registry.put_patch(patch_files[0]).id
-    blob = registry.root / "blobs" / f"{pid}.safetensors"
-    blob.write_bytes(b"garbage")
+    overwrite_blob(registry, pid, b"garbage")
     registry.set_tenant("a", [pid])
     runtime, _ = _runtime(registry, tiny_sd)
     assert runtime.refresh(wait=True).state_for("a").failure
-    blob.write_bytes(patch_files[0])  # repaired on disk
+    overwrite_blob(registry, pid, patch_files[0])  # repaired where it is stored
     registry.set_tenant("other", [])  # any later write makes workers look again
     assert runtime.refresh(wait=True).state_for("a").failure is None
 
@@ -167,7 +168,10 @@ def test_an_unreadable_registry_fails_every_tenant(registry, tiny_sd, patch_file
     registry.set_tenant("a", [registry.put_patch(patch_files[0]).id])
     runtime, _ = _runtime(registry, tiny_sd)
     runtime.refresh(wait=True)
-    (registry.root / "state.json").write_text("{not json")
+    if isinstance(registry, LocalRegistry):
+        (registry.root / "state.json").write_text("{not json")
+    else:
+        sql(registry, "DELETE FROM conceptguard.meta")
     snapshot = runtime.refresh(wait=True)
     for tenant in ("a", "nobody"):
         with pytest.raises(RegistryUnavailable) as info:
@@ -194,12 +198,11 @@ def test_a_changed_stack_builds_off_the_batch_path(registry, tiny_sd, patch_file
 
 def test_failed_stacks_are_retried_after_a_backoff(registry, tiny_sd, patch_files):
     pid = registry.put_patch(patch_files[0]).id
-    blob = next(registry.root.glob(f"blobs/{pid}*"))
-    blob.write_bytes(b"garbage")
+    overwrite_blob(registry, pid, b"garbage")
     registry.set_tenant("a", [pid])
     runtime = PatchRuntime(registry, tiny_sd, retry_s=(1.0, 1.0))
     assert runtime.refresh(wait=True).state_for("a").failure
-    blob.write_bytes(patch_files[0])  # repaired on disk; the registry itself never changes
+    overwrite_blob(registry, pid, patch_files[0])  # repaired; the records never change
     assert runtime.refresh(wait=True).state_for("a").failure  # not before the backoff
     deadline = time.monotonic() + 20
     while runtime.refresh(wait=True).state_for("a").failure and time.monotonic() < deadline:
