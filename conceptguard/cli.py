@@ -7,10 +7,10 @@ stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 
+from conceptguard.quiet import silence_known_warnings
 from patches.errors import ConceptGuardError
 
 EXIT_USER_ERROR = 2
@@ -46,8 +46,9 @@ def _version() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # Weights never come from a hub unless the user explicitly allows it.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # A local model folder (the embedded one included) never touches the network; a hub id
+    # is fetched where this machine may reach a hub (HF_HUB_OFFLINE=1 forbids it).
+    silence_known_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from patches.errors import ConceptGuardError, TenantNotFound
@@ -37,12 +38,15 @@ from server.config import ServerConfig
 from server.errors import (
     InternalError,
     InvalidRequest,
+    MethodNotAllowed,
+    RouteNotFound,
     TenantConfigured,
     TooManyUploads,
     error_payload,
     payload_for,
     response_headers,
 )
+from server.openai_routes import not_found_message
 from server.request_body import body_chunks, parse_body, read_json, spool_body
 from server.runtime import check_servable, check_servable_kind
 
@@ -52,24 +56,44 @@ logger = logging.getLogger(__name__)
 class TenantStackBody(BaseModel):
     """`PUT /v1/tenants/{tenant}`: the ordered stack (first applied first)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    patches: list[str] = Field(max_length=64)
+    patches: list[str] = Field(
+        max_length=64, description="Patch refs (id, id prefix, NAME@VERSION or NAME)"
+    )
 
 
 class RollbackBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """`POST /v1/tenants/{tenant}/rollback` (optional): the history entry to return to."""
 
-    to_generation: int | None = None
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    to_generation: int | None = Field(
+        default=None, description="Default: the latest earlier stack that differs"
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """The one mapping from ConceptGuard errors (and malformed bodies) to HTTP answers; any
-    other exception is a logged 500 with the same JSON shape, never a plain-text page."""
+    """The one mapping from ConceptGuard errors (and malformed bodies, unknown routes, wrong
+    methods) to HTTP answers; any other exception is a logged 500 with the same JSON shape,
+    never a plain-text page or a bare `{"detail": "Not Found"}`."""
 
     async def conceptguard_error(request: Request, exc: ConceptGuardError) -> JSONResponse:
         status, body = payload_for(exc)
         return JSONResponse(body, status_code=status, headers=response_headers(exc))
+
+    async def routing_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        method, path = request.method, request.url.path
+        if exc.status_code == 404:
+            error: ConceptGuardError = RouteNotFound(not_found_message(method, path))
+        elif exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "")
+            error = MethodNotAllowed(f"{method} is not allowed on {path} (allowed: {allowed})")
+        else:
+            body = error_payload("HTTPError", str(exc.detail))
+            return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+        status, body = payload_for(error)
+        return JSONResponse(body, status_code=status, headers=exc.headers)
 
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
         message = "; ".join(
@@ -83,6 +107,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(body, status_code=status)
 
     app.add_exception_handler(ConceptGuardError, conceptguard_error)
+    app.add_exception_handler(StarletteHTTPException, routing_error)
     app.add_exception_handler(RequestValidationError, invalid_body)
     app.add_exception_handler(Exception, unexpected)
 

@@ -89,6 +89,13 @@ class KeyRing:
             )
         return caller
 
+    def client(self, headers: Headers) -> Caller:
+        """A tenant or the admin, for what every API client may read (GET /v1/models)."""
+        caller = self.identify(headers)
+        if caller.role == "metrics":
+            raise Forbidden("the metrics key only reads /metrics")
+        return caller
+
     def metrics(self, headers: Headers) -> Caller:
         """A metrics scraper or the admin, for GET /metrics (it names every tenant)."""
         caller = self.identify(headers)

@@ -7,6 +7,7 @@ returns, so no code path classifies errors by message.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from patches.errors import ConceptGuardError, ModelLoadError, PatchIncompatible
@@ -28,6 +29,18 @@ class Forbidden(ConceptGuardError):
     """A known key used where its role may not go (a tenant key on an admin route)."""
 
     http_status = 403
+
+
+class RouteNotFound(ConceptGuardError):
+    """No route answers this path (an OpenAI endpoint this server does not serve, a typo)."""
+
+    http_status = 404
+
+
+class MethodNotAllowed(ConceptGuardError):
+    """The path exists, but not for this HTTP method."""
+
+    http_status = 405
 
 
 class PayloadTooLarge(ConceptGuardError):
@@ -144,6 +157,7 @@ REFUSAL_REASONS: dict[int, str] = {
     401: "unauthorized",
     403: "forbidden",
     404: "not_found",
+    405: "method_not_allowed",
     409: "conflict",
     413: "too_large",
     422: "incompatible",
@@ -164,10 +178,18 @@ def refusal_reason(status: int, error: ConceptGuardError | None = None) -> str:
     return REFUSAL_REASONS.get(status, "server_error" if status >= 500 else "other")
 
 
+def error_code(error_type: str) -> str:
+    """OpenAI's `error.code` for one of our error types: the type in snake case
+    (`TenantQueueFull` -> `tenant_queue_full`), stable for clients to branch on."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", error_type).lower()
+
+
 def error_payload(error_type: str, message: str) -> dict[str, Any]:
-    """The body of every error response: FastAPI's `detail` plus OpenAI's `error` object, so
-    both plain HTTP clients and the `openai` client show the reason."""
-    return {"detail": message, "error": {"type": error_type, "message": message}}
+    """The body of every error response: FastAPI's `detail` plus OpenAI's `error` object
+    (`type`, `code`, `message`), so both plain HTTP clients and the `openai` client show the
+    reason and can branch on it."""
+    error = {"type": error_type, "code": error_code(error_type), "message": message}
+    return {"detail": message, "error": error}
 
 
 def payload_for(exc: ConceptGuardError) -> tuple[int, dict[str, Any]]:

@@ -7,6 +7,9 @@ thousand file descriptors and sockets. With this protocol every request has
 first byte of the next request - to complete its headers; then it is answered 408 and the
 connection closed. Bodies have their own deadline in the routes (server/request_body.py).
 
+`bind_listening_socket` binds the server's address (any interface address) before anything
+else starts, so a port in use is refused at once.
+
 It subclasses uvicorn's protocol class (httptools when installed, else h11) and uses only
 what both share: `cycle` (the request being answered) and the asyncio Protocol methods.
 """
@@ -14,7 +17,9 @@ what both share: `cycle` (the request being answered) and the asyncio Protocol m
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
+import socket
 from typing import Any
 
 from server.errors import error_payload
@@ -80,3 +85,30 @@ def protocol_with_header_deadline(header_timeout_s: float) -> type[asyncio.Proto
     return type(
         "HeaderDeadlineProtocol", (_HeaderDeadline, base), {"header_timeout_s": header_timeout_s}
     )
+
+
+def listening_address(value: str) -> str:
+    """`--host`: an IP address (any of this machine's interfaces, or 0.0.0.0 / :: for all);
+    ValueError naming what is expected otherwise."""
+    try:
+        return str(ipaddress.ip_address(value.strip("[]")))
+    except ValueError:
+        raise ValueError(
+            f"{value!r} is not an IP address: give one of this machine's interface addresses "
+            "(127.0.0.1, 10.0.0.5, ::1), or 0.0.0.0 / :: for every interface"
+        ) from None
+
+
+def bind_listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound to `host`:`port` (OSError, e.g. the address in use or not
+    on this machine); uvicorn listens on it in the API process."""
+    family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock

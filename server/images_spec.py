@@ -38,6 +38,7 @@ from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse
 from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, ResponseBufferItem
+from starlette.concurrency import run_in_threadpool
 
 from patches.errors import ConceptGuardError
 from server.admission import Admission, Ticket
@@ -53,6 +54,7 @@ from server.errors import (
     payload_for,
     response_headers,
 )
+from server.image_encoding import images_response
 from server.request_body import read_json
 from server.schemas import WorkItem, parse_request
 from server.worker_health import CancelBoard, WorkerWatch, is_draining, run_dir_from_env
@@ -135,9 +137,9 @@ class ImagesSpec(LitSpec):
     @property
     def metrics(self) -> Metrics:
         if self._metrics is None:
-            from server.metrics import Metrics
+            from server.metrics import api_metrics
 
-            self._metrics = Metrics(self.config.tenants)
+            self._metrics = api_metrics(self.config.tenants)
         return self._metrics
 
     @property
@@ -169,7 +171,11 @@ class ImagesSpec(LitSpec):
                 parsed = parse_request(body, self.config.limits, self.native)
                 seed = parsed.seed if parsed.seed is not None else secrets.randbelow(2**32)
                 item = WorkItem(uuid.uuid4().hex, tenant, parsed, seed, time.time())
-                status, body = await self._submit(request, ticket, item)
+                answer = await self._submit(request, ticket, item)
+                status, body = answer["status"], answer.get("body")
+                if body is None:
+                    # The worker sent pixels: encode them here, off the event loop.
+                    body = await run_in_threadpool(images_response, answer, parsed)
             finally:
                 self.admission.release(ticket)
         except ConceptGuardError as exc:
@@ -183,9 +189,9 @@ class ImagesSpec(LitSpec):
         self.metrics.request_done(tenant, status, time.perf_counter() - started, error)
         return JSONResponse(body, status_code=status, headers=headers)
 
-    async def _submit(
-        self, request: Request, ticket: Ticket, item: WorkItem
-    ) -> tuple[int, dict[str, Any]]:
+    async def _submit(self, request: Request, ticket: Ticket, item: WorkItem) -> dict[str, Any]:
+        """The worker's answer for `item`: {"status", "body"} for an error, {"status",
+        "images", "record"} for images (server/generation_api.py)."""
         enqueued = time.monotonic()
         deadline = enqueued + self.config.batching.queue_timeout_s
         uid = uuid.uuid4()
@@ -227,9 +233,11 @@ class ImagesSpec(LitSpec):
             # Only LitServe itself answers with errors; rows that fail come back as answers
             # with a status.
             if isinstance(response, HTTPException):
-                return response.status_code, error_payload("HTTPError", str(response.detail))
-            return 500, error_payload("GenerationFailed", "the worker failed; see the log")
-        return response["status"], response["body"]
+                body = error_payload("HTTPError", str(response.detail))
+                return {"status": response.status_code, "body": body}
+            body = error_payload("GenerationFailed", "the worker failed; see the log")
+            return {"status": 500, "body": body}
+        return response
 
     async def _race(
         self,

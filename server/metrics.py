@@ -8,7 +8,13 @@ inherits the setting. `GET /metrics` merges all processes' files with MultiProce
 Metrics are created with `registry=None`: in multiprocess mode their values go to the shared
 files whatever registry they are in, and several `Metrics` objects in one process (tests) must
 not collide. Labels are bounded: tenants are the configured ones (anything else is "other"),
-reasons and stages are fixed sets, statuses are HTTP codes; prompts never become labels.
+reasons and stages are fixed sets, statuses are HTTP codes, routes are the app's route
+templates; prompts never become labels. A process has one `Metrics` object: two would each
+cache a counter's value and overwrite each other's counts in the shared files.
+
+Per-worker gauges are kept per worker slot (`worker` label, multiprocess mode
+`livemostrecent`), not per process id: a replaced worker's series continues instead of a new
+one appearing at every restart, and the supervisor drops the dead process's values.
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fastapi import Depends, FastAPI, Response
 from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from patches.errors import ConceptGuardError
 from server.errors import refusal_reason
@@ -51,13 +59,31 @@ def remove_multiprocess_dir(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def _started_files(path: Path) -> list[str]:
+    """The metrics files under `path` that hold their header (8 bytes) at least."""
+    started = []
+    for file in path.glob("*.db"):
+        try:
+            if file.stat().st_size >= 8:
+                started.append(str(file))
+        except FileNotFoundError:  # its process was just marked dead
+            continue
+    return started
+
+
 def render_latest() -> tuple[bytes, str]:
     """The merged metrics of every process, and their content type."""
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
     from prometheus_client.multiprocess import MultiProcessCollector
 
+    class StartedFilesCollector(MultiProcessCollector):
+        # A process creates its metrics file empty and sizes it a moment later; a scrape in
+        # between failed on the empty file (500), which holds no samples yet: skip it.
+        def collect(self):
+            return self.merge(_started_files(Path(self._path)), accumulate=True)
+
     registry = CollectorRegistry()
-    MultiProcessCollector(registry)
+    StartedFilesCollector(registry)
     return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
@@ -144,18 +170,26 @@ class Metrics:
             multiprocess_mode="livesum",
             registry=None,
         )
+        self.routes = Counter(
+            "conceptguard_http_requests",
+            "Requests to every route but generation (conceptguard_requests_total), by route "
+            "(METHOD /template, 'unmatched' for paths no route serves) and HTTP status: patch "
+            "uploads, stack assignments, rollbacks, deletions, model listings, scrapes",
+            ["route", "status"],
+            registry=None,
+        )
         self.generation = Gauge(
             "conceptguard_registry_generation",
-            "Registry generation each worker last synced to (one series per worker process)",
+            "Registry generation each worker last synced to (one series per worker slot)",
             ["worker"],
-            multiprocess_mode="all",
+            multiprocess_mode="livemostrecent",
             registry=None,
         )
         self.gpu_memory = Gauge(
             "conceptguard_gpu_memory_bytes",
-            "GPU memory allocated by each worker",
+            "GPU memory allocated by each worker (one series per worker slot)",
             ["worker"],
-            multiprocess_mode="all",
+            multiprocess_mode="livemostrecent",
             registry=None,
         )
 
@@ -179,6 +213,12 @@ class Metrics:
             self.latency.labels(tenant=label).observe(seconds)
         if status >= 400:
             self.refusals.labels(reason=refusal_reason(status, error)).inc()
+
+    def route_done(self, route: str, status: int) -> None:
+        """A request to any route but generation was answered with `status`."""
+        self.routes.labels(route=route, status=str(status)).inc()
+        if status >= 400:
+            self.refusals.labels(reason=refusal_reason(status)).inc()
 
     def queued(self, delta: int) -> None:
         self.in_flight.inc(delta)
@@ -217,17 +257,63 @@ class Metrics:
         self.generation.labels(worker=self.worker).set(generation)
 
 
-def register_metrics_route(app, keys: KeyRing) -> None:
+_process_metrics: tuple[int, Metrics] | None = None
+
+
+def api_metrics(tenants: Iterable[str]) -> Metrics:
+    """This API process's one Metrics object (the generation route and the middleware share
+    it; see the module docstring)."""
+    global _process_metrics
+    if _process_metrics is None or _process_metrics[0] != os.getpid():
+        _process_metrics = (os.getpid(), Metrics(tenants))
+    return _process_metrics[1]
+
+
+class RouteMetrics:
+    """ASGI middleware counting every answered request except generation's (which the
+    generation route counts itself, with its tenant): `conceptguard_http_requests_total` by
+    route and status, and refusals by reason. Unknown paths (404) and wrong methods (405)
+    are counted too."""
+
+    def __init__(self, app: ASGIApp, tenants: Iterable[str], skip_path: str) -> None:
+        """`skip_path`: the generation route's path."""
+        self.app = app
+        self.tenants = frozenset(tenants)
+        self.skip_path = skip_path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The generation route counts its own answers (not a 405 for another method).
+        own = scope["type"] == "http" and scope["method"] == "POST"
+        if scope["type"] != "http" or (own and scope["path"] == self.skip_path):
+            await self.app(scope, receive, send)
+            return
+        status = 500  # unless a response starts: an exception escaped
+
+        async def record_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            # The router puts the matched route into the scope (also on a 405).
+            route = scope.get("route")
+            template = getattr(route, "path", None)
+            label = f"{scope['method']} {template}" if template else "unmatched"
+            api_metrics(self.tenants).route_done(label, status)
+
+
+def register_metrics_route(app: FastAPI, keys: KeyRing) -> None:
     """`GET /metrics` for a metrics key or the admin key (`Authorization: Bearer KEY`, what
     Prometheus sends with a scrape config's `authorization`): it shows every tenant's name
-    and traffic and the workers' process ids, which no tenant may read of another. Never
-    keys, prompts or images."""
-    from fastapi import Depends, Response
+    and traffic, which no tenant may read of another. Never keys, prompts or images."""
 
     def scraper(request: Request) -> Caller:
         return keys.metrics(request.headers)
 
-    @app.get("/metrics", dependencies=[Depends(scraper)])
+    @app.get("/metrics", dependencies=[Depends(scraper)], response_model=None)
     def metrics() -> Response:
         body, content_type = render_latest()
         return Response(content=body, media_type=content_type)

@@ -17,20 +17,30 @@ response buffer, which the forked API process does not share. Here:
   SIGTERM, e.g. stopped), and gives open HTTP exchanges `shutdown_grace_s`; a second signal
   during that is ignored, so the stop always completes.
 
-It overrides two private LitServe methods (`_start_worker_monitoring`,
-`_perform_graceful_shutdown`), pinned by tests that kill workers and stop servers.
+It also owns what LitServe 0.2.19 would otherwise decide for it: the listening socket
+(bound by `serve` on any interface address, where LitServe accepts only 0.0.0.0, 127.0.0.1
+and ::), and `/` and `/health` as plain text with their media type (LitServe's answer with
+none, and its `/info` is left out: `GET /v1/models` says what is served).
+
+It overrides private LitServe methods (`_start_worker_monitoring`,
+`_perform_graceful_shutdown`, `_register_internal_endpoints`, `_start_server`), pinned by
+tests that kill workers, stop servers, read /health and listen on other addresses.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
+import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import litserve as ls
+from fastapi.responses import PlainTextResponse
 from litserve.utils import WorkerSetupStatus
 
 from server.worker_health import start_draining
@@ -41,6 +51,10 @@ MONITOR_INTERVAL_S = 0.5
 WORKER_STOP_S = 2.0
 MAX_DEATHS = 3
 DEATH_WINDOW_S = 300.0
+# The hosts LitServe's run() accepts; any other address is passed to it as the wildcard of
+# its family (the socket it listens on is ours either way).
+_LITSERVE_HOSTS = ("0.0.0.0", "127.0.0.1", "::")
+INDEX_TEXT = "ConceptGuard: POST /v1/images/generations; the API is described at /docs\n"
 
 
 class SupervisedServer(ls.LitServer):
@@ -52,6 +66,55 @@ class SupervisedServer(ls.LitServer):
         self._stopping = threading.Event()
         self._restart_lock = threading.Lock()
         self._deaths: dict[int, list[float]] = {}  # per worker slot, time.monotonic()
+        self._listen: socket.socket | None = None
+
+    def run(self, listen: socket.socket, **kwargs: Any) -> None:
+        """LitServe's run, serving on `listen` (a bound socket, server/http_protocol.py)."""
+        host, port = listen.getsockname()[:2]
+        if host not in _LITSERVE_HOSTS:
+            host = "::" if listen.family == socket.AF_INET6 else "0.0.0.0"
+        self._listen = listen
+        # With `fd`, LitServe's uvicorn config takes a duplicate of our descriptor instead of
+        # binding the host itself; `_start_server` hands uvicorn our socket.
+        super().run(host=host, port=port, fd=listen.fileno(), **kwargs)
+
+    def _start_server(
+        self, port: Any, num_uvicorn_servers: int, log_level: str, sockets: list, *args: Any, **kw
+    ) -> dict:
+        for duplicate in sockets:
+            duplicate.close()
+        return super()._start_server(
+            port, num_uvicorn_servers, log_level, [self._listen], *args, **kw
+        )
+
+    def _register_internal_endpoints(self) -> None:
+        @self.app.get("/", response_class=PlainTextResponse)
+        async def index() -> str:
+            return INDEX_TEXT
+
+        @self.app.get(self.healthcheck_path, response_class=PlainTextResponse)
+        async def health() -> PlainTextResponse:
+            healthy = await self._healthy()
+            return PlainTextResponse(
+                "ok" if healthy else "not ready", status_code=200 if healthy else 503
+            )
+
+    async def _healthy(self) -> bool:
+        """LitServe's readiness: every worker set up, and every LitAPI's health() true."""
+        status = getattr(self, "workers_setup_status", None)
+        if not status or any(v != WorkerSetupStatus.READY for v in status.values()):
+            return False
+        for lit_api in self.litapi_connector:
+            try:
+                result = lit_api.health()
+                if inspect.isawaitable(result):
+                    result = await result
+            except Exception:
+                logger.exception("the health check of %s failed", type(lit_api).__name__)
+                return False
+            if not result:
+                return False
+        return True
 
     def _start_worker_monitoring(self, manager: Any, uvicorn_workers: dict) -> None:
         threading.Thread(
@@ -82,6 +145,7 @@ class SupervisedServer(ls.LitServer):
                     with self._restart_lock:
                         if self._stopping.is_set():
                             return
+                        _forget_process_metrics(process.pid)
                         logger.error(
                             "worker %d (pid %s) died with exit code %s; starting a replacement",
                             worker,
@@ -130,3 +194,13 @@ class SupervisedServer(ls.LitServer):
                 logger.warning("worker pid %s did not stop on SIGTERM; killing it", process.pid)
                 process.kill()
                 process.join(timeout=WORKER_STOP_S)
+
+
+def _forget_process_metrics(pid: int | None) -> None:
+    """Drop a dead worker's per-process gauge values (its replacement writes its own)."""
+    from prometheus_client import multiprocess
+
+    from server.metrics import MULTIPROC_ENV
+
+    if pid is not None and os.environ.get(MULTIPROC_ENV):
+        multiprocess.mark_process_dead(pid)

@@ -57,7 +57,12 @@ def tiny_flux(models_dir):
 
 
 def text_encoder_patch(
-    pipe, seed: int = 0, component: str = "text_encoder", mode: str = "override", scale=0.05
+    pipe,
+    seed: int = 0,
+    component: str = "text_encoder",
+    mode: str = "override",
+    scale=0.05,
+    patch_name: str | None = None,
 ) -> Patch:
     """A real text_encoder patch: block 0 moved by seeded noise."""
     encoder = getattr(pipe, component)
@@ -75,6 +80,7 @@ def text_encoder_patch(
         concepts=[f"concept{seed}"],
         tensors=tensors,
         mode=mode,
+        name=patch_name,
     )
 
 

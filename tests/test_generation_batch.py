@@ -16,6 +16,7 @@ from PIL import Image
 from patches.registry import open_registry
 from server.config import ServerConfig
 from server.generation_api import GenerationAPI, ModelSettings
+from server.image_encoding import images_response
 from server.schemas import ImageGenerationRequest, WorkItem
 
 
@@ -53,12 +54,17 @@ def test_a_failed_tenant_fails_only_its_rows(api):
     assert answers[1]["record"].patches == []
     assert answers[2]["record"].patches == [api.good_patch]
     assert answers[2]["record"].batch_requests == 4
+    # The worker hands back pixels; the API process encodes them as the request asks.
     encoded = api.encode_response(answers[2])
-    assert encoded["status"] == 200
-    body = encoded["body"]
+    assert encoded["status"] == 200 and encoded["record"]["tenant"] == "a"
+    assert np.array_equal(encoded["images"][0], pixels(answers[2])[0])
+    body = images_response(encoded, item("a").request)
     png = Image.open(io.BytesIO(base64.b64decode(body["data"][0]["b64_json"])))
     assert np.array_equal(np.asarray(png), pixels(answers[2])[0])
-    assert body["conceptguard"]["tenant"] == "a"
+    stock = io.BytesIO()
+    answers[2]["images"][0].save(stock, format="PNG")  # the worker's own PNG, as it was
+    assert base64.b64decode(body["data"][0]["b64_json"]) == stock.getvalue()
+    assert body["conceptguard"]["tenant"] == "a" and body["output_format"] == "png"
     assert api.encode_response(answers[0]) == {"status": 503, "body": answers[0]["body"]}
 
 

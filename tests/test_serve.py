@@ -78,22 +78,26 @@ def test_signals_stop_every_process_and_free_the_port(sig, whole_group, tmp_path
     args = ["--workers", "2", "--model", str(sd_model_path), "--registry", str(tmp_path / "r")]
     running = start_server(args, tmp_path / "server.log")
     pgid = running.process.pid
-    if whole_group:  # a terminal's Ctrl+C reaches every process of the foreground group
-        os.killpg(pgid, sig)
-    else:
-        running.process.send_signal(sig)
-    assert running.process.wait(timeout=60) == 0
-    # Nothing of the group is left (multiprocessing's resource tracker may need a moment
-    # after the main process to notice), and nothing holds the port.
-    deadline = time.monotonic() + 20
-    while _group_alive(pgid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not _group_alive(pgid), subprocess.run(
-        ["ps", "-o", "pid,stat,cmd", "-g", str(pgid)], capture_output=True, text=True
-    ).stdout
-    assert not port_is_open(running.port)
+    try:
+        if whole_group:  # a terminal's Ctrl+C reaches every process of the foreground group
+            os.killpg(pgid, sig)
+        else:
+            running.process.send_signal(sig)
+        assert running.process.wait(timeout=60) == 0
+        # Nothing of the group is left (multiprocessing's resource tracker may need a moment
+        # after the main process to notice), and nothing holds the port.
+        deadline = time.monotonic() + 20
+        while _group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _group_alive(pgid), subprocess.run(
+            ["ps", "-o", "pid,stat,cmd", "-g", str(pgid)], capture_output=True, text=True
+        ).stdout
+        assert not port_is_open(running.port)
+    finally:
+        running.stop()  # a failed assertion above must not leave the group running
     log = running.log.read_text()
     assert "server stopped" in log
+    assert "leaked semaphore" not in log
     # No key was configured: the server made one for this run and said so.
     assert "no API keys configured; keys for this run only" in log
 

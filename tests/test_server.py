@@ -299,6 +299,38 @@ def test_metrics_count_the_requests_sent(server):
     assert seen and max(seen) == generation
 
 
+def test_admin_operations_and_their_refusals_are_counted(server, base_pipe):
+    before = _samples(server)
+    patch = text_encoder_patch(base_pipe, seed=15)
+    assert server.admin("POST", "/v1/patches", data=patch.to_bytes()).status_code == 201
+    assert server.admin("POST", "/v1/patches", data=b"not a patch").status_code == 400
+    _assign(server, "d", [patch.id])
+    _assign(server, "d", [])
+    assert server.admin("DELETE", f"/v1/patches/{patch.id}").status_code == 200
+    assert server.admin("DELETE", f"/v1/patches/{patch.id}").status_code == 404
+    assert server.admin("GET", "/v1/no-such-route").status_code == 404
+    after = _samples(server)
+
+    def delta(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after[key] - before[key]
+
+    routes = "conceptguard_http_requests_total"
+    assert delta(routes, route="POST /v1/patches", status="201") == 1
+    assert delta(routes, route="POST /v1/patches", status="400") == 1
+    assert delta(routes, route="PUT /v1/tenants/{tenant}", status="200") == 2
+    assert delta(routes, route="DELETE /v1/patches/{ref}", status="200") == 1
+    assert delta(routes, route="DELETE /v1/patches/{ref}", status="404") == 1
+    assert delta(routes, route="unmatched", status="404") == 1
+    assert delta("conceptguard_refusals_total", reason="invalid_request") == 1
+    assert delta("conceptguard_refusals_total", reason="not_found") == 2
+    # Per-worker gauges are per worker slot: no process id, so no new series per restart.
+    families = {f.name: f for f in text_string_to_metric_families(server.metrics_text())}
+    generation = families["conceptguard_registry_generation"].samples
+    assert sorted(sample.labels["worker"] for sample in generation) == ["0", "1"]
+    assert all("pid" not in sample.labels for sample in generation)
+
+
 def test_cli_push_and_tenant_commands(server, base_pipe, tmp_path):
     path = tmp_path / "cli.safetensors"
     patch = text_encoder_patch(base_pipe, seed=14)
