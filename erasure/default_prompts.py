@@ -24,7 +24,8 @@ from erasure.prompts import DEFAULT_TEMPLATES, SLOT, ConceptSpec
 
 MODEL_PROMPTS_FILE = "captions.txt"
 PROBE_EVERY = 5  # every fifth prompt of a source is a probe, never trained on
-MAX_MODEL_TEMPLATES = 32
+# MiniCanvas's sample gives 99 shapes per object; a spread of 32 dropped whole styles.
+MAX_MODEL_TEMPLATES = 128
 
 
 def _lines(text: str) -> list[str]:
