@@ -46,6 +46,7 @@ def test_merged_halves_equal_the_whole_sweep(halves, tmp_path):
     proc = run_conceptguard("bench", "erasure-sweep", "--merge", str(a), str(b), "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "2 sweeps joined" in proc.stdout and "criteria" in proc.stdout
+    assert "clean" in proc.stdout.splitlines()[0]  # the headline column comes first
     merged = json.loads(out.read_text())
     assert merged["config"]["concepts"] == whole["config"]["concepts"]
     assert merged["config"]["merged_from"] == [str(a), str(b)]
@@ -56,6 +57,17 @@ def test_merged_halves_equal_the_whole_sweep(halves, tmp_path):
             for field, value in summary[kind]["mean"].items():
                 assert ours[kind]["mean"][field] == pytest.approx(value), (variant, kind, field)
             assert ours[kind]["criteria"] == summary[kind]["criteria"]
+
+
+def test_markdown_table_heads_with_the_clean_erasure_rate(halves):
+    whole, (a, b) = halves
+    proc = run_conceptguard("bench", "erasure-sweep", "--merge", str(a), str(b), "--markdown")
+    assert proc.returncode == 0, proc.stderr
+    header, _, *rows = proc.stdout.strip().splitlines()
+    assert header.startswith("| variant | concepts | clean | UA |")
+    s_mean = next(r for r in rows if r.startswith("| S | objects, mean |"))
+    clean = whole["variants"]["S"]["objects"]["mean"]["clean"]
+    assert f"| {100 * clean:.1f}% |" in s_mean
 
 
 def test_refuses_sweeps_that_do_not_join(halves, tmp_path):

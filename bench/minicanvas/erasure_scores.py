@@ -144,8 +144,10 @@ def _labels(cells: list[Cell]) -> np.ndarray:
 def erasure_outcomes(
     judged: Judged, concept: str, reference: Reference, keep: np.ndarray | None = None
 ) -> dict[str, np.ndarray]:
-    """Per image of `judged` (restricted to `keep`): gone (the judge misses the concept),
-    kept (it still sees the other attribute), substituted, degenerate, clean."""
+    """Per image of `judged` (restricted to `keep`): missed (the judge does not see the
+    concept: UA), gone (objects: it sees no object; styles: as missed), kept (it still sees
+    the other attribute), substituted (another object or style), each degenerate flag and
+    any of them, clean (gone, kept and not degenerate)."""
     kind = kind_of(concept)
     keep = np.ones(len(judged.cells), bool) if keep is None else keep
     cells = [c for c, k in zip(judged.cells, keep, strict=True) if k]

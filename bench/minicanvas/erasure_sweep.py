@@ -76,6 +76,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "the first seed - base, the base's anchor images, patched",
     )
     sweep.add_argument(
+        "--markdown",
+        action="store_true",
+        help="print the result as the markdown table docs/BENCHMARKS.md shows",
+    )
+    sweep.add_argument(
         "--merge",
         nargs="+",
         metavar="JSON",
@@ -317,6 +322,48 @@ def print_table(result: dict) -> None:
     sweep_attacks.print_lines(result)
 
 
+_MARKDOWN = (
+    ("clean", "clean"),
+    ("UA", "UA"),
+    ("clean_synonyms", "clean syn."),
+    ("UA_synonyms", "UA syn."),
+    ("IRA", "IRA"),
+    ("IRA_base", "IRA base"),
+    ("CRA", "CRA"),
+    ("CRA_base", "CRA base"),
+    ("kept", "kept"),
+    ("degenerate", "degenerate"),
+    ("anchor_distance", "anchor dist."),
+    ("drift", "drift"),
+)
+
+
+def markdown_table(result: dict) -> str:
+    """Per variant and kind, the mean and worst rows of the sweep (docs/BENCHMARKS.md)."""
+
+    def cell(field: str, value: float | None) -> str:
+        if value is None:
+            return "-"
+        return f"{value:.4f}" if field in ("anchor_distance", "drift") else f"{100 * value:.1f}%"
+
+    head = ["variant", "concepts", *(label for _, label in _MARKDOWN), "criteria"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for variant, summary in result["variants"].items():
+        for kind in ("objects", "styles"):
+            if kind not in summary:
+                continue
+            failed = [k for k, ok in summary[kind]["criteria"].items() if not ok]
+            verdict = "all met" if not failed else "not met: " + ", ".join(failed)
+            for which in ("mean", "worst"):
+                block = summary[kind][which]
+                cells = [cell(f, block.get(f)) for f, _ in _MARKDOWN]
+                note = verdict if which == "mean" else ""
+                lines.append(
+                    f"| {variant} | {kind}, {which} | " + " | ".join(cells) + f" | {note} |"
+                )
+    return "\n".join(lines)
+
+
 def sweep_command(args: argparse.Namespace) -> int:
     from patches.atomic import atomic_write_json
 
@@ -331,7 +378,10 @@ def sweep_command(args: argparse.Namespace) -> int:
             return 2
     else:
         result = run_sweep(args)
-    print_table(result)
+    if args.markdown:
+        print(markdown_table(result))
+    else:
+        print_table(result)
     if args.json_out:
         atomic_write_json(Path(args.json_out), result)
     return 0

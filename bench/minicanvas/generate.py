@@ -23,10 +23,16 @@ def generate(
     steps: int = DEFAULT_STEPS,
     guidance: float = DEFAULT_GUIDANCE,
     batch: int = 64,
+    desc: str | None = None,
 ) -> torch.Tensor:
-    """Images [n, 3, 32, 32] in [-1, 1]; image i depends only on (prompt_i, seed_i)."""
+    """Images [n, 3, 32, 32] in [-1, 1]; image i depends only on (prompt_i, seed_i).
+
+    `desc`: show a progress bar (images) under this label."""
+    from tqdm import tqdm
+
     pipe.set_progress_bar_config(disable=True)
     out = []
+    bar = tqdm(total=len(requests), desc=desc, unit="img", mininterval=5, disable=desc is None)
     for start in range(0, len(requests), batch):
         chunk = requests[start : start + batch]
         generators = [torch.Generator().manual_seed(r.seed) for r in chunk]
@@ -38,6 +44,8 @@ def generate(
             output_type="pt",
         ).images
         out.append(images * 2 - 1)
+        bar.update(len(chunk))
+    bar.close()
     return torch.cat(out).float()
 
 

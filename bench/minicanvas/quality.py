@@ -191,7 +191,7 @@ class Evaluator:
         started = time.perf_counter()
         requests = [Request(c.prompt, c.seed) for c in cells]
         s = self.settings
-        images = generate(self.pipe, requests, s.steps, s.guidance, s.batch)
+        images = generate(self.pipe, requests, s.steps, s.guidance, s.batch, desc=timing)
         verdicts = [j.classify(images) for j in self.judges]
         styles, objects = (v.numpy() for v in verdicts[0])
         agree = np.ones(len(cells), bool)
