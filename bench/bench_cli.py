@@ -49,6 +49,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ("mixed-stacks", "bench.mixed_stacks"),
         ("complex-prompts", "bench.minicanvas.complex_prompts"),
         ("closed-form-cost", "bench.closed_form_cost"),
+        ("registry-scale", "bench.registry_scale"),
         ("attack-table", "bench.minicanvas.attack_table"),
     ):
         runner = commands.add_parser(

@@ -270,3 +270,22 @@ def test_a_local_registry_never_imports_psycopg(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "local"])
+def test_bench_registry_scale_times_a_refresh_after_one_assignment(backend, tmp_path):
+    location = fresh_dsn() if backend == "postgresql" else str(tmp_path / "registry")
+    out = tmp_path / "scale.json"
+    proc = run_conceptguard(
+        "bench", "registry-scale", "--registry", location, "--tenants", "300", "--rounds", "4",
+        "--json", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["backend"] == backend and result["tenants"] == 300 and result["rounds"] == 4
+    assert 0 < result["refresh_ms"]["p50"] <= result["refresh_ms"]["max"]
+    assert "password" not in result["registry"]
+    # The registry it filled is a real one: every tenant is there, one of them moved.
+    registry = open_registry(location, create=False)
+    tenants = registry.list_tenants()
+    assert len(tenants) == 300 and len({t.stack for t in tenants}) == 2
