@@ -28,6 +28,7 @@ VALUE_SETS: dict[str, Path | None] = {
     "default": None,
     "gpu-autoscaling": CHART / "ci" / "gpu-autoscaling-values.yaml",
     "hpa": CHART / "ci" / "hpa-values.yaml",
+    "postgres": CHART / "ci" / "postgres-values.yaml",
 }
 
 

@@ -61,7 +61,9 @@ def test_every_manifest_validates(rendered, version):
         # strict: unknown fields are errors too (a misspelt key would otherwise pass).
         kubernetes_validate.validate(doc, version, strict=True)
     kinds = {doc["kind"] for doc in docs} - skipped
-    assert {"Deployment", "Service", "ConfigMap", "Secret", "PersistentVolumeClaim"} <= kinds
+    assert {"Deployment", "Service", "ConfigMap", "Secret"} <= kinds
+    # A database registry needs no volume; every other value set claims one.
+    assert ("PersistentVolumeClaim" in kinds) == (rendered[0] != "postgres")
 
 
 def test_default_values_make_one_cpu_pod_on_a_read_write_once_registry():
@@ -98,7 +100,10 @@ def test_configmap_is_a_config_the_server_accepts(tmp_path):
         config_file.write_text(docs["ConfigMap"]["data"]["config.yaml"])
         config = load_config(config_file, env=dict(docs["Secret"]["stringData"]))
         mount = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
-        assert config.registry in {m["mountPath"] for m in mount}
+        if name == "postgres":
+            assert config.registry is None  # the URL comes from $CONCEPTGUARD_REGISTRY
+        else:
+            assert config.registry in {m["mountPath"] for m in mount}
         if name == "gpu-autoscaling":
             assert set(config.tenants) == {"acme", "globex"} and len(config.admin_keys) == 1
 
@@ -189,5 +194,43 @@ def test_several_pods_need_shared_keys_and_a_read_write_many_registry(values, na
             {**values, "apiKeys": KEYS, "registry": RWX},
             {**values, "apiKeys": {"existingSecret": "keys"}, "registry": RWX},
             {**values, "apiKeys": KEYS, "registry": {"persistence": {"existingClaim": "rwx"}}},
+            # A database registry mounts no volume: its access mode does not matter.
+            {**values, "apiKeys": KEYS, "registry": {"database": {"existingSecret": "db"}}},
         ):
             chart.validate_schema(fixed)
+
+
+def test_a_database_registry_gets_its_url_from_a_secret_and_mounts_no_volume():
+    docs = _documents(render.render("postgres"))
+    kinds = {doc["kind"]: doc for doc in docs}
+    assert "PersistentVolumeClaim" not in kinds
+    deployment = kinds["Deployment"]["spec"]
+    assert deployment["replicas"] == 3
+    pod = deployment["template"]["spec"]
+    (container,) = pod["containers"]
+    (env,) = container["env"]
+    assert env["name"] == "CONCEPTGUARD_REGISTRY"
+    assert env["valueFrom"]["secretKeyRef"] == {"name": "conceptguard-registry-db", "key": "url"}
+    assert "registry" not in {v["name"] for v in pod["volumes"]}
+    assert "registry" not in {m["name"] for m in container["volumeMounts"]}
+    assert container["args"][container["args"].index("--registry-create") + 1] == "never"
+    # The config names no registry, so the server takes $CONCEPTGUARD_REGISTRY's URL.
+    from server.config import load_config
+
+    config = yaml.safe_load(kinds["ConfigMap"]["data"]["config.yaml"])
+    assert "registry" not in config
+    url = "postgresql://cg:secret@db.internal/conceptguard"
+    assert load_config_text(kinds["ConfigMap"]["data"]["config.yaml"], url, load_config) == url
+    # The install's Job creates the schema once, with the same URL.
+    job = kinds["Job"]["spec"]["template"]["spec"]["containers"][0]
+    assert job["command"] == ["conceptguard", "registry", "init", "--exist-ok"]
+    assert job["env"] == container["env"] and "volumeMounts" not in job
+
+
+def load_config_text(text: str, url: str, load_config) -> str | None:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as file:
+        file.write(text)
+        file.flush()
+        return load_config(file.name, env={"CONCEPTGUARD_REGISTRY": url}).registry

@@ -33,8 +33,15 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{- /* The server config file: ServerConfig's fields (server/config.py). */ -}}
+{{- /* The registry is a PostgreSQL database (its URL from a Secret) rather than the volume. */ -}}
+{{- define "conceptguard.usesDatabase" -}}
+{{- if .Values.registry.database.existingSecret -}}true{{- end -}}
+{{- end }}
+
 {{- define "conceptguard.configFile" -}}
+{{- if not (include "conceptguard.usesDatabase" .) -}}
 registry: {{ .Values.registry.mountPath }}
+{{ end -}}
 limits:
 {{- toYaml .Values.config.limits | nindent 2 }}
 batching:
@@ -63,4 +70,13 @@ if-missing
 {{- /* Average queued requests per pod: Little's law on the queue-wait histogram. */ -}}
 {{- define "conceptguard.queueQuery" -}}
 sum(rate(conceptguard_queue_wait_seconds_sum{namespace="{{ .Release.Namespace }}",service="{{ include "conceptguard.fullname" . }}"}[{{ .Values.autoscaling.keda.window }}]))
+{{- end }}
+
+{{- /* $CONCEPTGUARD_REGISTRY from the database Secret, for the pods and the init Job. */ -}}
+{{- define "conceptguard.registryEnv" -}}
+- name: CONCEPTGUARD_REGISTRY
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.registry.database.existingSecret }}
+      key: {{ .Values.registry.database.key }}
 {{- end }}
