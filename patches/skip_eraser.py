@@ -13,7 +13,11 @@ output, per row:
 - the prompt gate: g = clamp((s - low) / (high - low), 0, 1), where s is the largest cosine
   similarity between the row's text states (start token excluded) and the erased concept's
   token states stored in the patch, and low/high are calibrated when the patch is made
-  (the concept's prompts above high, other prompts below low). The gate reads only what
+  (the concept's prompts above high, other prompts below low). With contrast states (other
+  prompts' token states, also stored), s is contrastive: per token, its similarity to the
+  concept minus its similarity to the nearest contrast state, maximised over the tokens; a
+  token that is as close to other prompts as to the concept (a shared word, a padding
+  state) then scores about 0 however close it is to the concept. The gate reads only what
   the U-Net reads, so it works per row in a batch mixing tenants. (The paper also counts
   token overlap with the target word; the U-Net never sees token ids, so that term is not
   used.)
@@ -23,7 +27,8 @@ channels. The U-Net's class/added embeddings (SDXL's pooled text and size ids) a
 to the eraser: its time embedding is the timestep's alone.
 
 Tensors in a patch: `module.<encoder parameter>` (the encoder, the output convolutions,
-`module.gate_target` [tokens, text width]) and `tlmo.scale` [buckets, outputs].
+`module.gate_target` [tokens, text width], with `gate_contrast_tokens` in the config
+`module.gate_contrast` [contrast tokens, text width]) and `tlmo.scale` [buckets, outputs].
 """
 
 from __future__ import annotations
@@ -82,10 +87,15 @@ class SkipEraser(SkipModule):
             self.mid_out = torch.nn.Conv2d(ours[-1], theirs[-1], 1)
         self.outputs = len(ours)
         tokens = int(module_config.get("gate_tokens", 1))
+        text_width = unet_config["cross_attention_dim"]
         self.gate_target = torch.nn.Parameter(
-            torch.empty(tokens, unet_config["cross_attention_dim"], device="meta"),
-            requires_grad=False,
+            torch.empty(tokens, text_width, device="meta"), requires_grad=False
         )
+        contrast = int(module_config.get("gate_contrast_tokens", 0))
+        self.gate_contrast = None
+        if contrast:
+            empty = torch.empty(contrast, text_width, device="meta")
+            self.gate_contrast = torch.nn.Parameter(empty, requires_grad=False)
         self.tlmo = torch.nn.Parameter(torch.empty(self.buckets, self.outputs, device="meta"))
 
     @staticmethod
@@ -124,7 +134,8 @@ class SkipEraser(SkipModule):
         if self.gate_range is None:
             return states.new_ones(states.shape[0])
         low, high = self.gate_range
-        return ((concept_similarity(states, self.gate_target) - low) / (high - low)).clamp(0, 1)
+        score = gate_score(states, self.gate_target, self.gate_contrast)
+        return ((score - low) / (high - low)).clamp(0, 1)
 
     def forward(
         self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor
@@ -160,6 +171,22 @@ def concept_similarity(states: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return torch.einsum("btd,kd->btk", rows, concept).amax(dim=(1, 2))
 
 
+def gate_score(
+    states: torch.Tensor, target: torch.Tensor, contrast: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per row: `concept_similarity`, or with `contrast` states its contrastive form - per
+    token, the similarity to the concept minus that to the nearest contrast state, at the
+    token where that difference is largest."""
+    if contrast is None:
+        return concept_similarity(states, target)
+    rows = torch.nn.functional.normalize(states[:, 1:].float(), dim=-1)
+    concept = torch.nn.functional.normalize(target.float(), dim=-1)
+    others = torch.nn.functional.normalize(contrast.float(), dim=-1)
+    near = torch.einsum("btd,kd->btk", rows, concept).amax(dim=2)
+    away = torch.einsum("btd,kd->btk", rows, others).amax(dim=2)
+    return (near - away).amax(dim=1)
+
+
 def initialised_from(unet: Any, module: SkipEraser) -> SkipEraser:
     """Materialise `module` with the U-Net's own weights (its leading channels below width
     1), zero output convolutions and TLMO at 1: an eraser that changes nothing yet."""
@@ -177,6 +204,8 @@ def initialised_from(unet: Any, module: SkipEraser) -> SkipEraser:
             state[name] = torch.zeros(meta.shape, dtype=dtype, device=device)
     module.load_state_dict(state, strict=True, assign=True)
     module.gate_target.requires_grad_(False)
+    if module.gate_contrast is not None:
+        module.gate_contrast.requires_grad_(False)
     return module
 
 

@@ -133,3 +133,39 @@ def test_shapes_are_checked_against_the_served_unet(tiny_sd, tiny_sdxl, tiny_flu
             tensors={"module.x": torch.zeros(1)},
             params={"module_type": "dumo_epr", "module_config": config},
         )
+
+
+def test_a_contrastive_gate_ignores_tokens_other_prompts_share():
+    """A token as close to the concept as to another prompt's (a shared word) opens nothing
+    with the contrast, however close it is to the concept."""
+    from patches.skip_eraser import gate_score
+
+    d = 8
+    concept = torch.eye(d)[:1]  # the concept word's state
+    shared = torch.nn.functional.normalize(torch.eye(d)[0] + torch.eye(d)[1], dim=0)
+    start = torch.zeros(d)
+    about_concept = torch.stack([start, torch.eye(d)[0], torch.eye(d)[3]])[None]
+    only_shared = torch.stack([start, shared, torch.eye(d)[3]])[None]
+    contrast = shared[None]  # other prompts hold the shared word
+    plain = gate_score(torch.cat([about_concept, only_shared]), concept)
+    assert plain[1] > 0.7  # the plain gate half-opens for the shared word alone
+    scores = gate_score(torch.cat([about_concept, only_shared]), concept, contrast)
+    assert scores[0] > 0.25 and scores[1] <= 0.0
+
+
+def test_the_cross_gate_on_minicanvas_separates_once_it_has_contrast():
+    """MiniCanvas's `cross` (synonym "plus sign"): "a plain square" scored 0.967 against the
+    concept's lowest held-out prompt at 0.952 with the plain gate, so the gate opened on
+    every object's plain prompts and the patch damaged them (IRA 71% against 95%)."""
+    from bench.minicanvas.erasure_settings import dumo_config
+    from erasure.dumo.train import _Trainer
+    from patches.loading import load_pipeline
+    from server.default_model import default_model_path
+
+    pipe = load_pipeline(str(default_model_path()), "float32", "cpu")
+    for contrast, separable in ((0, False), (1024, True)):
+        trainer = _Trainer(pipe, dumo_config(["cross"], gate_contrast_tokens=contrast))
+        report = trainer.gate_report
+        assert report["separable"] is separable, report
+        assert report["contrast_tokens"] == contrast
+        assert report["concept_similarity_min"] > report["other_similarity_max"] or not separable

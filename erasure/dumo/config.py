@@ -25,6 +25,10 @@ class DumoConfig:
     buckets: int = 20
     gate: bool = True
     gate_tokens: int = 256  # at most this many concept token states (fewer if found)
+    # The gate's contrast: at most this many token states of the retain prompts, so a token
+    # as close to other prompts as to the concept opens nothing (0: the plain gate). Without
+    # it "a plain square" scored above "dots cross" for cross on MiniCanvas.
+    gate_contrast_tokens: int = 1024
     prior: bool = True
     # Phase 1, the eraser: guidance from each prompt's anchored twin r,
     #   target = eps0(x_t, r) - eta (eps0(x_t, c) - eps0(x_t, r)),
@@ -69,6 +73,8 @@ class DumoConfig:
             )
         if not 0 < self.width <= 1:
             raise PromptError(f"--width must be in (0, 1], not {self.width}")
+        if self.gate_contrast_tokens < 0:
+            raise PromptError("gate contrast tokens must be >= 0")
         if min(self.steps, self.batch, self.buckets, self.gate_tokens) < 1 or self.lr <= 0:
             raise PromptError("steps, batch, buckets and gate tokens must be >= 1, lr > 0")
         if self.tlmo_steps < 0 or self.tlmo_lr <= 0 or self.retain_weight < 0:

@@ -4,9 +4,10 @@ The published code is inference-only; this is ConceptGuard's training, built fro
 method's description (../shared/docs/METHODS.md):
 
 1. The prompt gate is calibrated before training: its target holds the token states the
-   text encoder gives the concept's words (and synonyms) inside the training prompts; the
-   gate opens fully above the lowest similarity of a concept prompt and closes below the
-   highest of a retain prompt. The gate is part of the model while it trains.
+   text encoder gives the concept's words (and synonyms) inside the training prompts, its
+   contrast the retain prompts' token states; the gate opens fully above the lowest score
+   of a concept prompt and closes below the highest of a retain prompt (each scored without
+   its own states). The gate is part of the model while it trains.
 2. The eraser (phase 1) learns, with the U-Net frozen, to move the concept's predictions to
    the frozen U-Net's guidance away from the concept, relative to each prompt's anchored
    twin r ("a star in stripes style" -> "a pattern in stripes style"):
@@ -44,7 +45,7 @@ from erasure.prompts import expand
 from patches.atomic import atomic_write_json
 from patches.errors import WrongTarget
 from patches.patch import Patch
-from patches.skip_eraser import NAME, SkipEraser, concept_similarity, initialised_from
+from patches.skip_eraser import NAME, SkipEraser, gate_score, initialised_from
 from patches.targets import pipeline_family
 
 
@@ -149,19 +150,28 @@ class _Trainer:
         self.eraser.gate_target = torch.nn.Parameter(target.clone(), requires_grad=False)
         self.module_config["gate_tokens"] = count
         source = torch.tensor(origin)[pick]
+        contrast, contrast_source = self._gate_contrast()
         unseen = []
         for row in range(len(self.prompts)):
             others = target[source != row]
             if len(others):
-                unseen.append(concept_similarity(self.cond.states[row : row + 1], others))
+                unseen.append(gate_score(self.cond.states[row : row + 1], others, contrast))
         concept = torch.cat(unseen)
-        other = torch.cat(
-            [
-                concept_similarity(cond.states, target)
-                for cond in (self.uncond, self.retain, self.check)
-                if cond is not None
+        scores = [gate_score(self.uncond.states, target, contrast)]
+        if self.retain is not None:
+            # A retain prompt is scored without its own states in the contrast: what a
+            # prompt the patch never saw would get.
+            scores += [
+                gate_score(
+                    self.retain.states[row : row + 1],
+                    target,
+                    None if contrast is None else contrast[contrast_source != row],
+                )
+                for row in range(len(self.retain.states))
             ]
-        )
+        if self.check is not None:
+            scores.append(gate_score(self.check.states, target, contrast))
+        other = torch.cat(scores)
         high, low = float(concept.min()), float(other.max())
         separable = high > low
         if not separable:
@@ -172,12 +182,35 @@ class _Trainer:
         self.module_config["gate"] = {"low": low, "high": high}
         return {
             "gate": "on",
+            "contrast_tokens": 0 if contrast is None else len(contrast),
             "low": round(low, 6),
             "high": round(high, 6),
             "concept_similarity_min": round(float(concept.min()), 6),
             "other_similarity_max": round(float(other.max()), 6),
             "separable": separable,
         }
+
+    def _gate_contrast(self) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The retain prompts' token states (start token excluded, end token included),
+        evenly thinned to `gate_contrast_tokens`, and the retain row each came from; set as
+        the eraser's contrast. None without retain prompts or with the option at 0."""
+        count = self.config.gate_contrast_tokens
+        if not count or self.retain is None:
+            return None, torch.empty(0, dtype=torch.long)
+        tokenizer = self.pipe.tokenizer
+        vectors, origin = [], []
+        for row, prompt in enumerate(self.config.retain_prompts):
+            length = len(
+                tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+            )
+            vectors.append(self.retain.states[row, 1:length])
+            origin.append(torch.full((length - 1,), row))
+        states, rows = torch.cat(vectors), torch.cat(origin)
+        pick = torch.linspace(0, len(states) - 1, min(count, len(states))).round().long()
+        contrast, source = states[pick].clone(), rows[pick]
+        self.eraser.gate_contrast = torch.nn.Parameter(contrast, requires_grad=False)
+        self.module_config["gate_contrast_tokens"] = len(contrast)
+        return contrast, source
 
     # --- losses -------------------------------------------------------------------------
 
@@ -253,9 +286,8 @@ class _Trainer:
     def run(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         c = self.config
         started = time.perf_counter()
-        trainable = [
-            p for n, p in self.eraser.named_parameters() if n not in ("tlmo", "gate_target")
-        ]
+        fixed = ("tlmo", "gate_target", "gate_contrast")
+        trainable = [p for n, p in self.eraser.named_parameters() if n not in fixed]
         for p in trainable:
             p.requires_grad_(True)
         report: dict[str, Any] = {
