@@ -74,6 +74,7 @@ from patches.registry_state import (
     RegistryChanges,
     RegistryState,
     diff_states,
+    require_copyable,
     state_problems,
     unknown_tenant,
 )
@@ -276,12 +277,7 @@ class LocalRegistry(Registry):
         return [tenants[name] for name in sorted(tenants)]
 
     def import_copy(self, state: RegistryState, patch_bytes: Callable[[str], bytes]) -> None:
-        problems = state_problems(state)
-        if problems:
-            raise RegistryCorrupt(
-                f"the registry to copy is inconsistent ({len(problems)} problem(s)): "
-                + "; ".join(problems[:5])
-            )
+        require_copyable(state)
         with self._writing() as current:
             if current.generation != 0 or current.patches or current.tenants:
                 raise RegistryExists(

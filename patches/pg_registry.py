@@ -75,6 +75,7 @@ from patches.registry_state import (
     RegistryChanges,
     RegistryState,
     apply_changes,
+    require_copyable,
     state_problems,
     unknown_tenant,
 )
@@ -442,12 +443,7 @@ class PostgresRegistry(Registry):
         return self._pool.run("recovering the registry's state", recover)
 
     def import_copy(self, state: RegistryState, patch_bytes: Callable[[str], bytes]) -> None:
-        problems = state_problems(state)
-        if problems:
-            raise RegistryCorrupt(
-                f"the registry to copy is inconsistent ({len(problems)} problem(s)): "
-                + "; ".join(problems[:5])
-            )
+        require_copyable(state)
 
         def fill(connection: psycopg.Connection, generation: int) -> None:
             (records,) = connection.execute(

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from patches.errors import InvalidName
+from patches.errors import InvalidName, RegistryCorrupt
 from patches.registry_records import PatchRecord, TenantRecord, check_tenant_name
 
 STATE_FORMAT = 1
@@ -157,6 +157,16 @@ def state_problems(state: RegistryState) -> list[str]:
             f"{len(state.patches)} patches and {len(state.tenants)} tenants needed"
         )
     return problems
+
+
+def require_copyable(state: RegistryState) -> None:
+    """RegistryCorrupt naming the first problems of a state that is to be copied whole."""
+    problems = state_problems(state)
+    if problems:
+        raise RegistryCorrupt(
+            f"the registry to copy is inconsistent ({len(problems)} problem(s)): "
+            + "; ".join(problems[:5])
+        )
 
 
 def _tenant_problems(tenant: TenantRecord, state: RegistryState) -> list[str]:
