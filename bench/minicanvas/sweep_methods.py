@@ -7,6 +7,7 @@ with its own builder; the sweep, its tables and `--merge` need no change.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable
@@ -91,10 +92,29 @@ def make_patches(
 
 
 def _cache_key(method: str, variant: str, concepts: list[str], options: SweepOptions) -> str:
-    # HiRM reads none of the options; ESD reads all of them.
+    # HiRM reads none of the options; ESD reads all of them. The code that makes patches is
+    # part of the key: a cache made before a method or its settings changed is never reused
+    # (DuMo's gate changed once and the sweep served the old patches).
     relevant = options.record() if method != "hirm" else {}
-    text = json.dumps([method, variant, concepts, relevant], sort_keys=True)
+    text = json.dumps([method, variant, concepts, relevant, code_fingerprint()], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+_MAKING_CODE = ("erasure", "patches/skip_eraser.py", "bench/minicanvas/erasure_settings.py",
+                "bench/minicanvas/closed_form_settings.py")  # fmt: skip
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """sha256 over the source of everything that makes a sweep's patches."""
+    root = Path(__file__).resolve().parents[2]
+    digest = hashlib.sha256()
+    for part in _MAKING_CODE:
+        path = root / part
+        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(file.relative_to(root).as_posix().encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()
 
 
 def _hirm(pipe: Any, variant: str, concepts: list[str], options: SweepOptions, cache) -> Made:
