@@ -50,6 +50,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ("complex-prompts", "bench.minicanvas.complex_prompts"),
         ("closed-form-cost", "bench.closed_form_cost"),
         ("registry-scale", "bench.registry_scale"),
+        ("gpu-suite", "bench.gpu_suite"),
         ("attack-table", "bench.minicanvas.attack_table"),
     ):
         runner = commands.add_parser(

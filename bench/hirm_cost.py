@@ -27,7 +27,7 @@ CLIP_L = {
 }
 
 
-def clip_l_pipeline(seed: int = 0):
+def clip_l_pipeline(seed: int = 0, layers: int | None = None):
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -36,7 +36,7 @@ def clip_l_pipeline(seed: int = 0):
     torch.manual_seed(seed)
     tokenizer = byte_level_clip_tokenizer()
     config = CLIPTextConfig(
-        **CLIP_L,
+        **{**CLIP_L, **({"num_hidden_layers": layers} if layers else {})},
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -61,23 +61,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--variant", default="S")
+    parser.add_argument("--steps", type=int, help="fixed steps (default: HiRM's own stopping)")
+    parser.add_argument("--layers", type=int, help="encoder blocks (default: CLIP-L's 12)")
     parser.add_argument("--json", dest="json_out")
     args = parser.parse_args(argv)
-    pipe = clip_l_pipeline().to(args.device)
+    pipe = clip_l_pipeline(layers=args.layers).to(args.device)
     concept = ConceptSpec("van gogh", ("vincent van gogh",), "painting")
     seconds, reports, memory = [], [], []
     for repeat in range(args.repeats + 1):  # the first run warms up kernels and allocators
-        config = HirmConfig([concept], variant=args.variant, kind="style", device=args.device)
+        config = HirmConfig(
+            [concept], variant=args.variant, kind="style", device=args.device, steps=args.steps
+        )
         result = erase_hirm(pipe, config)
         if repeat:
             seconds.append(result.seconds)
             reports.append(result.reports[0])
             memory.append(result.peak_memory_bytes)
     summary = {
-        "encoder": "CLIP-L text configuration, random weights",
+        "encoder": "CLIP-L text configuration, random weights"
+        + (f", {args.layers} blocks" if args.layers else ""),
         "trained_parameters": reports[0]["trained_parameters"],
         "prompts": reports[0]["prompts"],
-        "steps": HirmConfig.steps,
+        "steps": reports[0].get("steps", args.steps),
         "variant": args.variant,
         "device": args.device,
         "device_name": torch.cuda.get_device_name(0)
