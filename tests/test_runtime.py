@@ -208,3 +208,29 @@ def test_failed_stacks_are_retried_after_a_backoff(registry, tiny_sd, patch_file
     while runtime.refresh(wait=True).state_for("a").failure and time.monotonic() < deadline:
         time.sleep(0.1)
     assert runtime.refresh(wait=True).state_for("a").ready
+
+
+def test_plans_in_use_follow_the_tenants_as_they_change(registry, tiny_sd, patch_files):
+    """The runtime counts each stack's tenants as they change (a refresh must not walk every
+    tenant): the count always equals the snapshot's, so no plan a tenant holds is pruned."""
+    from collections import Counter
+
+    ids = [registry.put_patch(patch_files[i], name=f"p{i}").id for i in range(3)]
+    for name, stack in (("a", [ids[0]]), ("b", [ids[0]]), ("c", [ids[1]])):
+        registry.set_tenant(name, stack)
+    runtime = PatchRuntime(registry, tiny_sd, cache_size=0)
+
+    def check():
+        snapshot = runtime.refresh(wait=True)
+        held = Counter(state.stack for state in snapshot.tenants.values())
+        assert +runtime._in_use == held
+        assert set(runtime._plans) >= {stack for stack in held if stack}
+
+    check()
+    registry.set_tenant("a", [ids[2]])
+    check()
+    registry.set_tenant("b", [ids[2], ids[1]])
+    check()
+    registry.delete_tenant("c")
+    check()
+    assert ids[:1] not in [list(s) for s in runtime._plans]  # nobody holds [p0]: pruned
