@@ -66,6 +66,17 @@ def request(port: int, method: str, path: str, headers: list[tuple[str, str]], b
         return read_response(sock)
 
 
+def answer_so_far(sock: socket.socket) -> bytes:
+    """What the server has answered on `sock` so far (b"" for nothing yet), left unread."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(65536, socket.MSG_PEEK)
+    except BlockingIOError:
+        return b""
+    finally:
+        sock.setblocking(True)
+
+
 def api_process(port: int) -> psutil.Process:
     """The server process that answers HTTP on `port`: the one holding the other end of a
     connection this function opens (LitServe's main process and its manager share the

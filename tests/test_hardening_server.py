@@ -14,7 +14,14 @@ import requests
 import torch
 from conftest import run_conceptguard, text_encoder_patch
 from prometheus_client.parser import text_string_to_metric_families
-from raw_http import PeakRss, api_process, open_request, read_response, request
+from raw_http import (
+    PeakRss,
+    answer_so_far,
+    api_process,
+    open_request,
+    read_response,
+    request,
+)
 from safetensors.torch import save_file
 from tenant_server import ADMIN_KEY, GENERATE, TENANT_KEYS, bearer, start_tenant_server
 
@@ -205,20 +212,28 @@ def test_a_large_upload_streams_to_disk(server, tiny_sd, tmp_path):
 def test_uploads_beyond_the_slots_get_429_with_retry_after(server):
     port = server.process.port
     headers = [("Authorization", f"Bearer {ADMIN_KEY}"), ("Content-Length", str(10 * MiB))]
-    slow = [open_request(port, "POST", "/v1/patches", headers, b"\0" * 65536) for _ in range(2)]
+    slow: list = []
     try:
-        # Bounded: the slow uploads take their slots as soon as the server reads them. In CI
-        # (and twice here right after a CI run) they had not within 10 s, after the 256 MiB
-        # upload of the test before; not root-caused, so the wait is longer, still under the
-        # 30 s body deadline that would free the slots, and the answers seen are reported.
+        # Two uploads that stop in their body hold both slots - once each has taken one: a
+        # probe can take a slot first (the slow ones wait for the threadpool to check their
+        # key), and a slow upload that arrives then is the one refused. So slow uploads that
+        # got an answer are replaced until a probe is the one refused. Bounded.
         deadline = time.monotonic() + 20
-        seen = []
-        response = _upload(server, b"x" * 100)
-        while response.status_code != 429 and time.monotonic() < deadline:
-            seen.append(response.status_code)
-            time.sleep(0.05)
+        seen: Counter = Counter()
+        while True:
+            for sock in [s for s in slow if answer_so_far(s)]:
+                seen[answer_so_far(sock).split(b"\r\n")[0]] += 1
+                slow.remove(sock)
+                sock.close()
+            while len(slow) < UPLOAD_SLOTS:
+                slow.append(open_request(port, "POST", "/v1/patches", headers, b"\0" * 65536))
             response = _upload(server, b"x" * 100)
-        assert _error(response) == (429, "TooManyUploads"), (response.text, Counter(seen))
+            holding = not any(answer_so_far(s) for s in slow)
+            if (response.status_code == 429 and holding) or time.monotonic() > deadline:
+                break
+            seen[response.status_code] += 1
+            time.sleep(0.05)
+        assert _error(response) == (429, "TooManyUploads"), (response.text, seen)
         assert response.headers["Retry-After"] == "5"
     finally:
         for sock in slow:
