@@ -7,7 +7,8 @@ generation order, and leave nothing half-written when a writer dies at any point
 database rolls its transaction back. Each write adds one `changes` row, and readers ask for
 the changes since the generation they hold (`changes_since`): a worker's refresh after one
 assignment reads one tenant, whatever the number of tenants. Each write also NOTIFYs the
-channel `conceptguard_registry` with its generation (`wait_for_change`).
+channel `conceptguard_registry` with its generation: `change_signal` (pg_listener.py) wakes
+idle readers, `wait_for_change` waits for one write.
 
 The same guarantees as the local backend: files are validated before anything is written;
 a registry is created explicitly (the schema and its `meta` row), and a database whose
@@ -37,6 +38,7 @@ from patches.errors import (
     TenantNotFound,
 )
 from patches.pg_connect import ConnectionPool, redacted, snapshot_read
+from patches.pg_listener import ChangeListener
 from patches.pg_schema import (
     CHANNEL,
     CREATE_LOCK,
@@ -101,6 +103,7 @@ class PostgresRegistry(Registry):
         # The last whole state read (snapshot), brought forward by the change feed.
         self._state: RegistryState | None = None
         self._state_lock = threading.Lock()
+        self._listener: ChangeListener | None = None
         if create:
             self._create(exist_ok=True)
 
@@ -108,7 +111,18 @@ class PostgresRegistry(Registry):
         return f"PostgresRegistry({redacted(self.dsn)!r})"
 
     def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         self._pool.close()
+
+    def change_signal(self) -> threading.Event:
+        """Set on every NOTIFY of the registry's channel (and when the listening connection
+        breaks or comes back); the listener starts with the first call, in the calling
+        process (a server worker, after its fork)."""
+        if self._listener is None:
+            self._listener = ChangeListener(self._pool)
+        return self._listener.changed
 
     # --- existence ----------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ is created explicitly; once it exists, a missing state is an error, never an emp
 from __future__ import annotations
 
 import io
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -160,6 +161,12 @@ class Registry(ABC):
         before it is stored (`conceptguard registry migrate`). All or nothing where the
         backend has transactions; elsewhere a failure leaves it empty (stray files are
         orphans that the next put of the same bytes rewrites)."""
+
+    def change_signal(self) -> threading.Event | None:
+        """An Event set whenever the registry may have changed - a write by any process -
+        for a reader that waits idle (it clears the Event, then asks `changes_since`); None
+        where the backend has none, and the reader polls."""
+        return None
 
     def close(self) -> None:  # noqa: B027 (most backends hold nothing open)
         """Release what the backend holds open (database connections); reads and writes

@@ -17,7 +17,8 @@ it from the queue. This loop:
   answers them with None): they join a later batch once it is ready, while every other
   tenant's rows are served at once - one tenant's stack change never delays another;
 - lets the LitAPI do housekeeping while idle (registry changes are picked up and built
-  before the next request arrives).
+  before the next request arrives): at once when it signals that some is due (a database
+  registry's change notification, a finished build), else once per idle pass.
 It imports LitServe's private sentinel and stop exception, pinned by the tests that stop
 servers cleanly.
 """
@@ -41,6 +42,9 @@ logger = logging.getLogger(__name__)
 IDLE_WAIT_S = 1.0
 # How often rows waiting for their stack are looked at again.
 WAITING_POLL_S = 0.02
+# While idle and watching (a registry change signal, builds in flight): how often the
+# LitAPI is asked whether a refresh is due - one queue round trip each.
+WAKE_POLL_S = 0.05
 
 
 class TenantWorker(Protocol):
@@ -55,6 +59,12 @@ class TenantWorker(Protocol):
 
     def idle(self) -> None:
         """Housekeeping between requests."""
+
+    def watching(self) -> bool:
+        """Whether `refresh_due` may become true while no request comes."""
+
+    def refresh_due(self) -> bool:
+        """Whether housekeeping should not wait for the next request or idle pass."""
 
     def heartbeat(self) -> None:
         """A sign of life; also catches up with the requests marked cancelled."""
@@ -92,20 +102,29 @@ class BlockingBatchedLoop(BatchedLoop):
     def _collect(
         self, lit_api: TenantWorker, request_queue: Any, transport: Any, room: int, wait: float
     ) -> list[_Request]:
-        """Up to `room` new requests: wait up to `wait` for the first, then up to the batch
-        timeout for more."""
+        """Up to `room` new requests: wait up to `wait` for the first - in slices, returning
+        early when the LitAPI has housekeeping due - then up to the batch timeout for more."""
         taken: list[_Request] = []
         if room == 0:  # a full batch already waits for its stacks
             time.sleep(wait)
             return taken
+        idle_until = time.monotonic() + wait
         deadline: float | None = None
         while len(taken) < room:
-            remaining = wait if deadline is None else deadline - time.monotonic()
+            if deadline is None:
+                if lit_api.refresh_due():
+                    break
+                remaining = idle_until - time.monotonic()
+                step = min(remaining, WAKE_POLL_S) if lit_api.watching() else remaining
+            else:
+                remaining = step = deadline - time.monotonic()
             if remaining <= 0:
                 break
             try:
-                request = request_queue.get(timeout=remaining)
+                request = request_queue.get(timeout=step)
             except Empty:
+                if step < remaining:  # one slice of the wait for the first request
+                    continue
                 break
             if request == _SENTINEL_VALUE:
                 raise _StopLoopError()

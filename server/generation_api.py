@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -32,6 +33,11 @@ from server.schemas import GenerationRecord, WorkItem
 from server.worker_health import CancelBoard, WorkerBeacon, run_dir_from_env
 
 logger = logging.getLogger(__name__)
+
+# How often an idle worker asks the registry for changes when nothing signalled one (a local
+# registry has no signal; a database's signal could be lost with its connection). Tunable for
+# tests that must tell the signal from the tick.
+IDLE_REFRESH_S = float(os.environ.get("CONCEPTGUARD_IDLE_REFRESH_S", "1.0"))
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,8 @@ class GenerationAPI(ls.LitAPI):
         self.beacon: WorkerBeacon | None = None
         self.cancelled: CancelBoard | None = None
         self._reported: RuntimeSnapshot | None = None
+        self.registry_changed: threading.Event | None = None
+        self._refreshed_at = 0.0
 
     def setup(self, device: str) -> None:
         from patches.loading import load_pipeline
@@ -89,8 +97,11 @@ class GenerationAPI(ls.LitAPI):
         # never creates one (a location that lost its registry fails every tenant closed).
         registry = open_registry(self.registry_path, create=False)
         self.runtime = PatchRuntime(registry, self.pipe, self.metrics)
+        # Set on every write to a database registry (by any replica), before the first
+        # refresh, so nothing committed meanwhile goes unseen; None for a local registry.
+        self.registry_changed = registry.change_signal()
         # Build every tenant's stack before this worker reports ready.
-        self._report(self.runtime.refresh(wait=True))
+        self._report(self._refresh(wait=True))
 
     def health(self) -> bool:
         """/health, in the API process: see ImagesSpec.healthy."""
@@ -109,8 +120,25 @@ class GenerationAPI(ls.LitAPI):
 
     def idle(self) -> None:
         """Between requests: pick up registry changes and commit finished builds, so stacks
-        are ready before their tenants' next requests."""
-        self._report(self.runtime.refresh())
+        are ready before their tenants' next requests - at once when the registry signals a
+        change or a build finishes, else every IDLE_REFRESH_S."""
+        if self.refresh_due() or time.monotonic() - self._refreshed_at >= IDLE_REFRESH_S:
+            self._report(self._refresh())
+
+    def watching(self) -> bool:
+        """Whether something may call for a refresh while no request comes (the loop then
+        waits for requests in short slices and asks `refresh_due` between them)."""
+        return self.registry_changed is not None or self.runtime.building
+
+    def refresh_due(self) -> bool:
+        signalled = self.registry_changed is not None and self.registry_changed.is_set()
+        return signalled or self.runtime.build_finished
+
+    def _refresh(self, wait: bool = False) -> RuntimeSnapshot:
+        if self.registry_changed is not None:
+            self.registry_changed.clear()  # before reading: a later write sets it again
+        self._refreshed_at = time.monotonic()
+        return self.runtime.refresh(wait=wait)
 
     def heartbeat(self) -> None:
         if self.beacon is not None:
@@ -155,7 +183,7 @@ class GenerationAPI(ls.LitAPI):
 
     def _answer_batch(self, items: list[WorkItem], wait: bool) -> list[dict[str, Any] | None]:
         batch_started = time.time()
-        snapshot = self.runtime.refresh(wait=wait)
+        snapshot = self._refresh(wait=wait)
         self._report(snapshot)
         answers: list[dict[str, Any] | None] = [{} for _ in items]
         rows, row_index, states = [], [], {}

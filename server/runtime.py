@@ -239,6 +239,16 @@ class PatchRuntime:
     def snapshot(self) -> RuntimeSnapshot:
         return self._snapshot
 
+    @property
+    def building(self) -> bool:
+        """Whether stack builds are in flight (or finished and not yet committed)."""
+        return bool(self._builds)
+
+    @property
+    def build_finished(self) -> bool:
+        """Whether a build waits to be committed by the next `refresh`."""
+        return any(future.done() for future in self._builds.values())
+
     def close(self) -> None:
         self._builder.shutdown(wait=False, cancel_futures=True)
 

@@ -190,6 +190,19 @@ def shared_server() -> PostgresServer:
     return _server
 
 
+def own_server() -> PostgresServer:
+    """A started server of the caller's own, to stop and start again; the caller removes it.
+    Skips the test without a server binary."""
+    binaries = server_binaries() or pytest.skip(NO_SERVER)
+    shared_server()  # fails the same way as every other test when there is none
+    directory = Path(tempfile.mkdtemp(prefix="cg-postgres-own-"))
+    directory.chmod(0o755)
+    server = PostgresServer(*binaries, directory, free_port())
+    server.init()
+    server.start()
+    return server
+
+
 def fresh_dsn(prefix: str = "t") -> str:
     """A new, empty database on the shared server: its DSN."""
     return shared_server().create_database(f"{prefix}_{os.getpid()}_{next(_names)}")

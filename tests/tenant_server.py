@@ -48,7 +48,7 @@ def images_of(response: requests.Response) -> list[np.ndarray]:
 @dataclass
 class TenantServer:
     process: ServerProcess
-    registry: Path
+    registry: Path | str
 
     @property
     def url(self) -> str:
@@ -78,9 +78,17 @@ class TenantServer:
         )
 
 
-def start_tenant_server(folder: Path, model: Path, workers: int = 2, **config: Any):
-    registry = folder / "registry"
+def start_tenant_server(
+    folder: Path,
+    model: Path,
+    workers: int = 2,
+    registry: str | None = None,
+    env: dict[str, str] | None = None,
+    **config: Any,
+):
+    """`registry`: a location (a database URL); default a new directory in `folder`."""
+    location = registry or folder / "registry"
     config_path = write_config(folder / "config.json", **config)
-    args = ["--workers", str(workers), "--model", str(model), "--registry", str(registry)]
-    process = start_server([*args, "--config", str(config_path)], folder / "server.log")
-    return TenantServer(process, registry)
+    args = ["--workers", str(workers), "--model", str(model), "--registry", str(location)]
+    process = start_server([*args, "--config", str(config_path)], folder / "server.log", env)
+    return TenantServer(process, location)

@@ -8,14 +8,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from conftest import run_conceptguard
-from pg_server import PostgresServer, fresh_dsn, server_binaries, shared_server
+from pg_server import fresh_dsn
+from pg_server import own_server as start_own_server
 from registry_backends import overwrite_blob, sql, stored
 from server_process import free_port
 
@@ -163,26 +162,42 @@ def test_a_write_notifies_waiting_readers(pg_dsn, files):
 @pytest.fixture
 def own_server():
     """A PostgreSQL server of this test's own, to stop and start again."""
-    binaries = server_binaries() or pytest.skip("no PostgreSQL server binary")
-    shared_server()  # fails the same way as every other test when there is none
-    directory = Path(tempfile.mkdtemp(prefix="cg-postgres-own-"))
-    directory.chmod(0o755)
-    server = PostgresServer(*binaries, directory, free_port())
-    server.init()
-    server.start()
+    server = start_own_server()
     yield server
     server.remove()
+
+
+def test_a_write_by_another_process_sets_the_change_signal(pg_dsn, files):
+    reader = open_registry(pg_dsn)
+    signal = reader.change_signal()
+    assert reader.change_signal() is signal  # one listener per registry object
+    listener = reader._listener
+    assert listener.listening.wait(10)
+    signal.clear()
+    done = _cli(pg_dsn, "assign", "acme", "--create")
+    assert done.returncode == 0, done.stderr
+    assert signal.wait(10), "no notification reached the listener"
+    signal.clear()
+    assert not signal.wait(0.5)  # nothing else was written
+    reader.close()
+    assert not listener._thread.is_alive()
 
 
 def test_an_unreachable_database_fails_every_tenant_closed_and_heals(own_server, tiny_sd, files):
     dsn = own_server.create_database("outage")
     registry = open_registry(dsn)
     a, b = _populated(registry, files)
-    runtime = PatchRuntime(open_registry(dsn, create=False), tiny_sd)
+    watched = open_registry(dsn, create=False)
+    runtime = PatchRuntime(watched, tiny_sd)
+    signal = watched.change_signal()
+    assert watched._listener.listening.wait(10)
     before = runtime.refresh(wait=True)
     assert before.state_for("acme").stack == (b.id,)
+    signal.clear()
 
     own_server.stop()
+    # The listener's connection broke: the reader is woken to find the database gone.
+    assert signal.wait(10) and not watched._listener.listening.is_set()
     started = time.monotonic()
     with pytest.raises(RegistryUnreadable) as info:
         registry.generation()
@@ -194,7 +209,10 @@ def test_an_unreachable_database_fails_every_tenant_closed_and_heals(own_server,
             down.state_for(tenant)
         assert refused.value.http_status == 503
 
+    signal.clear()
     own_server.start()
+    # It listens again by itself (backoff at most 5 s) and wakes the reader once more.
+    assert watched._listener.listening.wait(15) and signal.wait(1)
     up = runtime.refresh(wait=True)
     assert up.registry_error is None
     assert up.state_for("acme").require_ready().stack == (b.id,)
