@@ -10,6 +10,9 @@ warm-up, so the figure is the refresh, not a stack build.
 
     conceptguard bench registry-scale --registry /tmp/reg --tenants 10000 --json local.json
     conceptguard bench registry-scale --registry postgresql://USER@HOST/DB --tenants 10000
+
+With `--replicas N` it then starts N real servers on the registry and times registration ->
+first answer with the new stack on each (bench/registration_served.py).
 """
 
 from __future__ import annotations
@@ -31,6 +34,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", help="diffusers folder (default: the embedded model)")
     parser.add_argument("--tenants", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=50)
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=0,
+        help="also time registration -> served on this many real servers sharing the "
+        "registry (bench/registration_served.py; 0: skip)",
+    )
+    parser.add_argument("--served-rounds", type=int, default=20)
+    parser.add_argument("--probe-steps", type=int, default=1, help="steps of each probe request")
     parser.add_argument("--json", dest="json_out", help="write the result here")
     return parser.parse_args(argv)
 
@@ -103,6 +115,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         assert snapshot.state_for(tenant).stack == (target,), "the refresh missed the change"
         if (round_ + 1) % 10 == 0:
             print(f"round {round_ + 1}/{args.rounds}: refresh {refresh_ms[-1]:.2f} ms")
+    served = None
+    if args.replicas:
+        from bench.registration_served import measure
+
+        served = measure(
+            registry,
+            str(args.registry),
+            source,
+            pipe,
+            args.replicas,
+            args.served_rounds,
+            args.probe_steps,
+        )
     registry.close()
     scratch.close()
     shutil.rmtree(scratch_dir, ignore_errors=True)
@@ -122,6 +147,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "p50": round(statistics.median(write_ms), 3),
             "p99": round(_percentile(write_ms, 0.99), 3),
         },
+        "served": served,
     }
 
 
@@ -134,6 +160,15 @@ def main(argv: list[str] | None = None) -> int:
         f"assignment p50 {r['p50']:.2f} ms, p99 {r['p99']:.2f} ms, max {r['max']:.2f} ms; "
         f"the assignment itself p50 {w['p50']:.1f} ms; cold start {result['cold_refresh_s']}s"
     )
+    if result["served"]:
+        served = result["served"]
+        t = served["registration_to_served_ms"]
+        print(
+            f"registration -> first answer with the new stack on each of {served['replicas']} "
+            f"replicas: p50 {t['p50']:.0f} ms, p99 {t['p99']:.0f} ms, max {t['max']:.0f} ms "
+            f"(the same probes, stack unchanged: {served['unchanged_request_ms_p50']:.0f} ms; "
+            f"{served['stale_answers']} stale answers)"
+        )
     if args.json_out:
         from patches.atomic import atomic_write_json
 

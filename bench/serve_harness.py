@@ -106,7 +106,10 @@ def start_bench_server(
     batching: dict[str, Any] | None = None,
     extra_args: list[str] | None = None,
     ready_s: float = 300,
+    registry: str | None = None,
 ) -> BenchServer:
+    """`registry`: a location several servers share (a database URL, a directory); default a
+    new directory in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     config = {
         "tenants": {t: {"keys": [hash_key(tenant_key(t))]} for t in tenants},
@@ -117,7 +120,8 @@ def start_bench_server(
     port = _free_port()
     log = folder / "server.log"
     args = [sys.executable, "-m", "conceptguard.cli", "serve", "--port", str(port)]
-    args += ["--model", model, "--workers", str(workers), "--registry", str(folder / "registry")]
+    location = registry or str(folder / "registry")
+    args += ["--model", model, "--workers", str(workers), "--registry", location]
     args += ["--config", str(folder / "config.json"), *(extra_args or [])]
     with open(log, "w") as handle:
         process = subprocess.Popen(

@@ -294,16 +294,29 @@ def test_a_local_registry_never_imports_psycopg(tmp_path):
 def test_bench_registry_scale_times_a_refresh_after_one_assignment(backend, tmp_path):
     location = fresh_dsn() if backend == "postgresql" else str(tmp_path / "registry")
     out = tmp_path / "scale.json"
+    # On the database, also registration -> served on two real servers sharing it.
+    replicas = ["--replicas", "2", "--served-rounds", "2"] if backend == "postgresql" else []
     proc = run_conceptguard(
         "bench", "registry-scale", "--registry", location, "--tenants", "300", "--rounds", "4",
-        "--json", str(out),
+        *replicas, "--json", str(out),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     assert result["backend"] == backend and result["tenants"] == 300 and result["rounds"] == 4
     assert 0 < result["refresh_ms"]["p50"] <= result["refresh_ms"]["max"]
+    if replicas:
+        served = result["served"]
+        assert served["replicas"] == 2 and served["rounds"] == 2 and served["stale_answers"] == 0
+        assert (
+            0
+            < served["registration_to_served_ms"]["p50"]
+            <= served["registration_to_served_ms"]["max"]
+        )
+    else:
+        assert result["served"] is None
     assert "password" not in result["registry"]
     # The registry it filled is a real one: every tenant is there, one of them moved.
     registry = open_registry(location, create=False)
     tenants = registry.list_tenants()
-    assert len(tenants) == 300 and len({t.stack for t in tenants}) == 2
+    assert len(tenants) == 300 + bool(replicas)  # and the probe tenant
+    assert len({t.stack for t in tenants if t.tenant != "probe"}) == 2
