@@ -1,7 +1,8 @@
-"""Two `conceptguard serve` processes sharing one registry directory are two replicas: a patch
+"""Two `conceptguard serve` processes sharing one registry are two replicas: a patch
 registered and assigned through replica A is served by replica B from its next batch, with no
-restart and no message between them (each worker polls the registry generation before each
-batch). This is the Kubernetes deployment with a ReadWriteMany registry volume, on one host."""
+restart and no message between them (each worker asks the registry for changes before each
+batch). This is the Kubernetes deployment with a ReadWriteMany registry volume, or with a
+PostgreSQL database, on one host."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pytest
 import requests
 from conftest import text_encoder_patch
+from registry_backends import BACKENDS, location
 from server_process import start_server
 from tenant_server import ADMIN_KEY, GENERATE, TENANT_KEYS, bearer, images_of, write_config
 
@@ -30,8 +33,10 @@ def _admin(url: str, method: str, path: str, **kwargs) -> requests.Response:
     return requests.request(method, url + path, headers=bearer(ADMIN_KEY), timeout=60, **kwargs)
 
 
-def test_a_patch_registered_on_one_replica_is_served_by_the_other(tmp_path, sd_model_path):
-    registry = tmp_path / "registry"  # the one shared registry (the RWX volume)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_patch_registered_on_one_replica_is_served_by_the_other(backend, tmp_path, sd_model_path):
+    # The one shared registry: the RWX volume, or the database.
+    registry = location(backend, tmp_path)
     config = write_config(tmp_path / "config.json")  # the same ConfigMap and keys for both
     args = ["--workers", "1", "--model", str(sd_model_path), "--registry", str(registry)]
     args += ["--config", str(config)]

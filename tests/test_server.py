@@ -1,5 +1,6 @@
 """The multi-tenant server end to end: a real `conceptguard serve` with 2 workers on
-127.0.0.1, real HTTP, a real registry directory, patches made here on the served model."""
+127.0.0.1, real HTTP, a real registry (a directory, and a PostgreSQL database: every test
+runs on both), patches made here on the served model."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import requests
 import torch
 from conftest import run_conceptguard, text_encoder_patch, unet_weights_patch
 from prometheus_client.parser import text_string_to_metric_families
+from registry_backends import BACKENDS, location, overwrite_blob
 from server_process import free_port
 from tenant_server import (
     ADMIN_KEY,
@@ -28,6 +30,7 @@ from tenant_server import (
 
 from patches.loading import load_pipeline
 from patches.patch import Patch
+from patches.registry import open_registry
 
 MAX_PATCH_BYTES = 200_000
 
@@ -44,11 +47,14 @@ def base_pipe(served_model):
     return load_pipeline(served_model)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, served_model):
+@pytest.fixture(scope="module", params=BACKENDS)
+def server(request, tmp_path_factory, served_model):
+    """The server on each registry backend (a directory, a PostgreSQL database)."""
+    folder = tmp_path_factory.mktemp("tenant-server")
     running = start_tenant_server(
-        tmp_path_factory.mktemp("tenant-server"),
+        folder,
         served_model,
+        registry=location(request.param, folder),
         batching={"max_batch_size": 8, "batch_timeout_s": 0.05},
         max_patch_bytes=MAX_PATCH_BYTES,
     )
@@ -99,8 +105,7 @@ def test_runtime_patch_changes_its_tenant_only_and_rolls_back_exactly(server, ba
 def test_corrupt_registry_entry_fails_its_tenant_only(server, base_pipe):
     patch = text_encoder_patch(base_pipe, seed=12)
     _upload(server, patch, "doomed")
-    blob = server.registry / "blobs" / f"{patch.id}.safetensors"
-    blob.write_bytes(b"this is no longer a patch" * 40)
+    overwrite_blob(open_registry(server.registry, create=False), patch.id, b"no patch" * 40)
     _assign(server, "a", [patch.id])
 
     def call(tenant):
