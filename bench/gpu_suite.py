@@ -42,10 +42,6 @@ GOALS = (
 )  # fmt: skip
 
 
-# The flag each benchmark writes its JSON with.
-JSON_FLAG = {"serve_throughput": "--out"}
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="conceptguard bench gpu-suite", description=__doc__.split("\n\n")[0]
@@ -126,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(out / f"{name}.log", "w") as log:
             proc = subprocess.run(
                 [sys.executable, "-m", "conceptguard.cli", "bench", *command,
-                 JSON_FLAG.get(name, "--json"), str(out / f"{name}.json")],
+                 "--json", str(out / f"{name}.json")],
                 stdout=log, stderr=subprocess.STDOUT, check=False,
             )  # fmt: skip
         seconds = round(time.perf_counter() - started, 1)

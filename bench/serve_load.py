@@ -370,10 +370,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hostile-rate", type=float, default=20.0, help="bad requests per s")
     parser.add_argument("--stack-size", type=int, default=16, help="hostile stacks' patches")
     parser.add_argument("--stack-interval", type=float, default=2.0, help="s between them")
-    parser.add_argument("--out", help="JSON output (default docs/results/serve_load[_MODE].json)")
+    parser.add_argument(
+        "--json",
+        "--out",
+        dest="json_out",
+        help="write the result here (default docs/results/serve_load[_MODE].json; --out: its "
+        "former name)",
+    )
     args = parser.parse_args(argv)
     suffix = {"quiet": "", "hostile": "_hostile_only", "both": "_hostile"}[args.mode]
-    out = Path(args.out or f"docs/results/serve_load{suffix}.json")
+    out = Path(args.json_out or f"docs/results/serve_load{suffix}.json")
     result = run(args)
     for name, value in _table(result):
         print(f"{name:<32} {value}")

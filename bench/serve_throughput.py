@@ -130,11 +130,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--plain", action="store_true", help="also time plain diffusers in this process"
     )
-    parser.add_argument("--out", default="docs/results/serve_throughput.json")
+    parser.add_argument(
+        "--json",
+        "--out",
+        dest="json_out",
+        default="docs/results/serve_throughput.json",
+        help="write the result here (--out: its former name)",
+    )
     args = parser.parse_args(argv)
     result = run(args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json_out).write_text(json.dumps(result, indent=2))
     print(f"{'phase':<14} {'img/s':>8} {'text enc/batch':>15} {'denoise/batch':>14} {'batches':>8}")
     for name in ("one_tenant", "sixteen_tenants"):
         phase = {
@@ -152,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"plain diffusers, batch {args.batch}: {result['plain_diffusers_images_per_s']} img/s"
         )
-    print(f"written to {args.out}")
+    print(f"written to {args.json_out}")
     return 0
 
 
