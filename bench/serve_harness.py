@@ -145,7 +145,8 @@ def start_bench_server(
 
 
 def stage_sums(server: BenchServer) -> dict[str, float]:
-    """Seconds per stage summed over the workers, and the batch count, from /metrics."""
+    """Seconds per stage summed over the workers, the batch count, and the stack builds and
+    their seconds, from /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
     headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -160,6 +161,10 @@ def stage_sums(server: BenchServer) -> dict[str, float]:
                 sums[stage] = sums.get(stage, 0.0) + sample.value
             elif sample.name == "conceptguard_batch_requests_count":
                 sums["batches"] = sums.get("batches", 0.0) + sample.value
+            elif sample.name == "conceptguard_patch_stack_build_seconds_sum":
+                sums["stack_build_s"] = sums.get("stack_build_s", 0.0) + sample.value
+            elif sample.name == "conceptguard_patch_stack_build_seconds_count":
+                sums["stack_builds"] = sums.get("stack_builds", 0.0) + sample.value
     return sums
 
 

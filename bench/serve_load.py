@@ -199,7 +199,7 @@ def analyse(samples: list[Sample], registrations: list[Registration], histories:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from bench.serve_harness import start_bench_server, tenant_key
+    from bench.serve_harness import stage_sums, start_bench_server, tenant_key
     from bench.serve_hostile import (
         HOSTILE_TENANT,
         HostileTenant,
@@ -270,6 +270,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for thread in threads:
                 thread.join(timeout=args.seconds + 300)
             histories = {t: server.admin("GET", f"/v1/tenants/{t}")["history"] for t in TENANTS}
+            sums = stage_sums(server)
         finally:
             server.stop()
     result = analyse(samples, registrations, histories)
@@ -283,6 +284,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         max_batch_size=args.batch,
         interval_s=args.interval,
     )
+    # What a reload's parts cost: a stack build, and a batch (the pick-up waits for batches).
+    builds, batches = sums.get("stack_builds", 0.0), sums.get("batches", 0.0)
+    stage_s = sum(
+        v for k, v in sums.items() if k not in ("batches", "stack_builds", "stack_build_s")
+    )
+    result["stack_builds"] = int(builds)
+    result["stack_build_mean_s"] = round(sums["stack_build_s"] / builds, 4) if builds else None
+    result["batch_mean_s"] = round(stage_s / batches, 4) if batches else None
     phases = sorted({phase for _, _, phase in windows})
     result["phases"] = {phase: phase_figures(samples, windows, t0, phase) for phase in phases}
     if hostile:
@@ -324,6 +333,8 @@ def _table(result: dict[str, Any]) -> list[tuple[str, Any]]:
         ("pick-up p50 / p99", f"{result['pickup_p50_s']} / {result['pickup_p99_s']} s"),
         ("next batch p50 / p99", f"{result['next_batch_p50_s']} / {result['next_batch_p99_s']} s"),
         ("old stack after pick-up", result["old_stack_in_later_batch"]),
+        ("stack builds (mean)", f"{result['stack_builds']} ({result['stack_build_mean_s']} s)"),
+        ("batch, mean of its stages", f"{result['batch_mean_s']} s"),
     ]
     for phase, figures in result["phases"].items():
         rows.append(
