@@ -58,9 +58,15 @@ class DumoResult:
     peak_memory_kind: str
 
 
+def _token_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """`prompt`'s token ids as the text encoder sees them: start and end tokens, truncated
+    to the encoder's length, no padding."""
+    return tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+
+
 def _concept_positions(tokenizer: Any, prompt: str, words: tuple[str, ...]) -> list[int]:
     """Token positions (in the padded sequence) of any of `words` inside `prompt`."""
-    ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    ids = _token_ids(tokenizer, prompt)
     found = []
     for word in words:
         target = tokenizer(word, add_special_tokens=False).input_ids
@@ -200,9 +206,7 @@ class _Trainer:
         tokenizer = self.pipe.tokenizer
         vectors, origin = [], []
         for row, prompt in enumerate(self.config.retain_prompts):
-            length = len(
-                tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
-            )
+            length = len(_token_ids(tokenizer, prompt))
             vectors.append(self.retain.states[row, 1:length])
             origin.append(torch.full((length - 1,), row))
         states, rows = torch.cat(vectors), torch.cat(origin)
