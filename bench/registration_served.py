@@ -19,12 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.registry_scale import percentile
+
 PROBE = "probe"
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def _first_with(server: Any, stack: list[str], started: float, steps: int) -> tuple[float, int]:
@@ -97,7 +94,7 @@ def measure(
         "probe_steps": steps,
         "registration_to_served_ms": {
             "p50": round(1000 * statistics.median(seconds), 1),
-            "p99": round(1000 * _percentile(seconds, 0.99), 1),
+            "p99": round(1000 * percentile(seconds, 0.99), 1),
             "max": round(1000 * max(seconds), 1),
         },
         "unchanged_request_ms_p50": round(1000 * statistics.median(unchanged), 1),

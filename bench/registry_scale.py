@@ -65,7 +65,8 @@ def _bulk_state(patch_ids: list[str], records: dict, tenants: int):
     return RegistryState(generation, dict(records), tenant_records, versions)
 
 
-def _percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
+    """The `q` quantile of `values` (nearest rank)."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
@@ -140,12 +141,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cold_refresh_s": round(cold_s, 3),
         "refresh_ms": {
             "p50": round(statistics.median(refresh_ms), 3),
-            "p99": round(_percentile(refresh_ms, 0.99), 3),
+            "p99": round(percentile(refresh_ms, 0.99), 3),
             "max": round(max(refresh_ms), 3),
         },
         "assign_ms": {
             "p50": round(statistics.median(write_ms), 3),
-            "p99": round(_percentile(write_ms, 0.99), 3),
+            "p99": round(percentile(write_ms, 0.99), 3),
         },
         "served": served,
     }

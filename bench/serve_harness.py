@@ -144,6 +144,10 @@ def start_bench_server(
     raise RuntimeError(f"server not ready after {ready_s} s:\n{log.read_text()}")
 
 
+# The stages a worker times per batch (server/generation.py), as /metrics labels them.
+STAGES = ("text_encode", "denoise", "decode")
+
+
 def stage_sums(server: BenchServer) -> dict[str, float]:
     """Seconds per stage summed over the workers, the batch count, and the stack builds and
     their seconds, from /metrics."""
@@ -194,7 +198,7 @@ def timed_phase(
         "seconds": seconds,
         "batches": batches,
     }
-    for stage in ("text_encode", "denoise", "decode"):
+    for stage in STAGES:
         result[f"{stage}_s_per_batch"] = (after.get(stage, 0.0) - before.get(stage, 0.0)) / batches
     result["records"] = records
     return result

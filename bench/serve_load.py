@@ -199,7 +199,7 @@ def analyse(samples: list[Sample], registrations: list[Registration], histories:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from bench.serve_harness import stage_sums, start_bench_server, tenant_key
+    from bench.serve_harness import STAGES, stage_sums, start_bench_server, tenant_key
     from bench.serve_hostile import (
         HOSTILE_TENANT,
         HostileTenant,
@@ -286,9 +286,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     # What a reload's parts cost: a stack build, and a batch (the pick-up waits for batches).
     builds, batches = sums.get("stack_builds", 0.0), sums.get("batches", 0.0)
-    stage_s = sum(
-        v for k, v in sums.items() if k not in ("batches", "stack_builds", "stack_build_s")
-    )
+    stage_s = sum(sums.get(stage, 0.0) for stage in STAGES)
     result["stack_builds"] = int(builds)
     result["stack_build_mean_s"] = round(sums["stack_build_s"] / builds, 4) if builds else None
     result["batch_mean_s"] = round(stage_s / batches, 4) if batches else None
