@@ -102,6 +102,31 @@ class RegistryChanges:
     def everything(cls, since: int | None, state: RegistryState) -> RegistryChanges:
         return cls(since, state.generation, True, state.tenants, patches=state.patches)
 
+    def then(self, later: RegistryChanges) -> RegistryChanges:
+        """These changes followed by `later` (read from this set's generation): one set from
+        `since` to `later.generation`, as if the reader had asked once."""
+        if later.since != self.generation and not later.full:
+            raise ValueError(
+                f"changes from generation {later.since} cannot follow changes up to "
+                f"{self.generation}"
+            )
+        if later.full or later.empty:
+            return later if later.full else self
+        tenants = {n: r for n, r in self.tenants.items() if n not in later.removed_tenants}
+        patches = {p: r for p, r in self.patches.items() if p not in later.removed_patches}
+        tenants.update(later.tenants)
+        patches.update(later.patches)
+        if self.full:  # everything: nothing to remove, what is gone is simply absent
+            return RegistryChanges(self.since, later.generation, True, tenants, patches=patches)
+        return RegistryChanges(
+            self.since,
+            later.generation,
+            tenants=tenants,
+            removed_tenants=(self.removed_tenants | later.removed_tenants) - later.tenants.keys(),
+            patches=patches,
+            removed_patches=(self.removed_patches | later.removed_patches) - later.patches.keys(),
+        )
+
 
 def diff_states(old: RegistryState | None, new: RegistryState) -> RegistryChanges:
     """The changes that bring a reader holding `old` to `new` (everything when `old` is

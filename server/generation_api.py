@@ -132,7 +132,7 @@ class GenerationAPI(ls.LitAPI):
 
     def refresh_due(self) -> bool:
         signalled = self.registry_changed is not None and self.registry_changed.is_set()
-        return signalled or self.runtime.build_finished
+        return signalled or self.runtime.build_finished or self.runtime.changes_waiting
 
     def _refresh(self, wait: bool = False) -> RuntimeSnapshot:
         if self.registry_changed is not None:
@@ -156,9 +156,23 @@ class GenerationAPI(ls.LitAPI):
             self.cancelled.forget(item.request_id)
 
     def _keep_going(self, items: Sequence[WorkItem]) -> bool:
-        """Per denoising step: a sign of life, and whether anybody waits for these rows."""
+        """Per denoising step: a sign of life, registry changes read ahead (their builds
+        start now, not at the next batch), and whether anybody waits for these rows."""
         self.heartbeat()
+        self._prefetch()
         return not all(self.abandoned(item) for item in items)
+
+    def _prefetch(self) -> None:
+        # A database registry is read only when it signalled a write (one query); a local
+        # one costs a stat of its state file per step.
+        if self.registry_changed is not None:
+            if not self.registry_changed.is_set():
+                return
+            self.registry_changed.clear()  # before reading: a later write sets it again
+        try:
+            self.runtime.prefetch()
+        except Exception:  # never the batch's failure: the next refresh sees the same
+            logger.exception("reading registry changes ahead failed")
 
     def _report(self, snapshot: RuntimeSnapshot) -> None:
         """Tell the API process (/health) when this worker serves nobody at all."""
@@ -203,9 +217,13 @@ class GenerationAPI(ls.LitAPI):
             return answers
         served = [items[i] for i in row_index]
         self.metrics.batch_started(len(served), (batch_started - i.enqueued_at for i in served))
-        keep_going = self._keep_going if self.beacon is not None else None
         result = generate_batch(
-            self.pipe, self.encoder, rows, self.config.limits, self.runtime.denoiser, keep_going
+            self.pipe,
+            self.encoder,
+            rows,
+            self.config.limits,
+            self.runtime.denoiser,
+            self._keep_going,
         )
         if result.stopped:
             self.metrics.rows_dropped("stopped", result.stopped)

@@ -17,7 +17,11 @@ modules). The commit - cloning the few edited text-encoder stages, writing the d
 slots - is quick and happens in `refresh`, on the thread that runs batches, so nothing a
 batch reads changes under it. Then one new immutable snapshot replaces the old one. A batch
 takes the snapshot once at its start, so its rows finish with the stacks they started
-with however the registry moves meanwhile.
+with however the registry moves meanwhile. During a batch, between denoising steps, the
+worker calls `prefetch()`: it reads the change feed and starts the builds it calls for,
+committing nothing, and the next `refresh` takes those changes - so a stack changed
+mid-batch is usually built by the next batch, whose rows of that tenant are then served
+instead of held back for one more batch.
 
 Fail closed: a tenant whose stack cannot be loaded or verified is kept as a failed state with
 its reason, and its requests get 503 - never the unpatched model. Failed stacks are built
@@ -234,6 +238,9 @@ class PatchRuntime:
         self._records: dict[str, TenantRecord] = {}
         self._unsettled: set[str] = set()
         self._in_use: Counter[tuple[str, ...]] = Counter()  # tenants per stack in the snapshot
+        # Changes read by `prefetch` during a batch, not yet in a snapshot: the next refresh
+        # takes them (the feed cannot be read twice from one generation without a full read).
+        self._prefetched: RegistryChanges | None = None
 
     @property
     def snapshot(self) -> RuntimeSnapshot:
@@ -249,6 +256,35 @@ class PatchRuntime:
         """Whether a build waits to be committed by the next `refresh`."""
         return any(future.done() for future in self._builds.values())
 
+    @property
+    def changes_waiting(self) -> bool:
+        """Whether `prefetch` read changes that no snapshot holds yet."""
+        return self._prefetched is not None
+
+    def prefetch(self) -> None:
+        """During a batch (between denoising steps): read the registry's changes and start
+        the builds they call for, so a tenant whose stack changed mid-batch is served by the
+        next batch, not held back for one more. Commits nothing - the batch in flight keeps
+        its snapshot and the denoiser's slots stay as they are; the next `refresh` takes the
+        changes read here. A registry that cannot be read is left to that refresh."""
+        current = self._snapshot
+        if current.registry_error or current.generation < 0:
+            return  # the next refresh reads everything anyway
+        held = self._prefetched
+        try:
+            changes = self.registry.changes_since(
+                current.generation if held is None else held.generation
+            )
+        except (ConceptGuardError, OSError):
+            return
+        if changes.empty:
+            return
+        self._prefetched = changes if held is None else held.then(changes)
+        for record in changes.tenants.values():
+            stack = record.stack
+            if stack and stack not in self._plans and stack not in self._builds:
+                self._builds[stack] = self._builder.submit(self._build, stack)
+
     def close(self) -> None:
         self._builder.shutdown(wait=False, cancel_futures=True)
 
@@ -258,8 +294,12 @@ class PatchRuntime:
         current = self._snapshot
         # After a failure the tenants are gone from the snapshot: read everything again.
         since = None if current.registry_error or current.generation < 0 else current.generation
+        held, self._prefetched = self._prefetched, None
         try:
-            changes = self.registry.changes_since(since)
+            if held is not None and since is not None:
+                changes = held.then(self.registry.changes_since(held.generation))
+            else:
+                changes = self.registry.changes_since(since)
         except (ConceptGuardError, OSError) as exc:
             if str(exc) != current.registry_error:  # logged when it changes, not every pass
                 logger.error("cannot read the registry; failing every tenant closed: %s", exc)

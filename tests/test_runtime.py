@@ -164,14 +164,18 @@ def test_a_patch_for_another_base_fails_closed(registry, tiny_sd, other_sd):
     assert "BaseFingerprintMismatch" in runtime.refresh(wait=True).state_for("a").failure
 
 
-def test_an_unreadable_registry_fails_every_tenant(registry, tiny_sd, patch_files):
-    registry.set_tenant("a", [registry.put_patch(patch_files[0]).id])
-    runtime, _ = _runtime(registry, tiny_sd)
-    runtime.refresh(wait=True)
+def _break_registry(registry):
     if isinstance(registry, LocalRegistry):
         (registry.root / "state.json").write_text("{not json")
     else:
         sql(registry, "DELETE FROM conceptguard.meta")
+
+
+def test_an_unreadable_registry_fails_every_tenant(registry, tiny_sd, patch_files):
+    registry.set_tenant("a", [registry.put_patch(patch_files[0]).id])
+    runtime, _ = _runtime(registry, tiny_sd)
+    runtime.refresh(wait=True)
+    _break_registry(registry)
     snapshot = runtime.refresh(wait=True)
     for tenant in ("a", "nobody"):
         with pytest.raises(RegistryUnavailable) as info:
@@ -234,3 +238,89 @@ def test_plans_in_use_follow_the_tenants_as_they_change(registry, tiny_sd, patch
     registry.delete_tenant("c")
     check()
     assert ids[:1] not in [list(s) for s in runtime._plans]  # nobody holds [p0]: pruned
+
+
+def _wait_for_builds(runtime):
+    deadline = time.monotonic() + 30
+    while runtime.building and not runtime.build_finished and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert runtime.build_finished
+
+
+def test_a_change_read_mid_batch_is_served_by_the_next_batch(registry, tiny_sd, patch_files):
+    """A stack changed while a batch runs: `prefetch` (between denoising steps) starts its
+    build and commits nothing, so the next batch's refresh serves the tenant with its new
+    stack at once - without it that refresh only starts the build and holds the tenant
+    back for one more batch."""
+    ids = [registry.put_patch(patch_files[i], name=f"p{i}").id for i in range(3)]
+    registry.set_tenant("a", [ids[0]])
+    registry.set_tenant("b", [ids[1]])
+    runtime, events = _runtime(registry, tiny_sd)
+    in_flight = runtime.refresh(wait=True)  # the snapshot the running batch took
+    registry.set_tenant("a", [ids[0], ids[2]])
+
+    runtime.prefetch()
+    assert runtime.building and runtime.changes_waiting
+    assert runtime.snapshot is in_flight  # nothing committed under the running batch
+    assert in_flight.state_for("a").stack == (ids[0],)
+    _wait_for_builds(runtime)
+
+    registry.set_tenant("b", [ids[2]])  # a later change, read by the refresh itself
+    following = runtime.refresh()  # the next batch's: no wait
+    assert not runtime.changes_waiting
+    a = following.state_for("a").require_ready()
+    assert a.stack == (ids[0], ids[2]) and a.plan is not None
+    assert following.generation == registry.generation()
+    # b's change came after the prefetch: it builds now, and is never served its old stack.
+    assert following.state_for("b").pending
+    assert runtime.refresh(wait=True).state_for("b").require_ready().stack == (ids[2],)
+    assert sorted(events.built[2:]) == [("a", True), ("b", True)]
+
+    # Without a prefetch the first refresh after a change holds the tenant back.
+    registry.set_tenant("a", [ids[2], ids[1]])  # a stack never built before
+    with pytest.raises(StackBuilding):
+        runtime.refresh().state_for("a").require_ready()
+
+
+def test_prefetched_changes_end_as_one_read_would(registry, tiny_sd, patch_files):
+    """Changes read ahead in several parts (tenants created, changed, deleted, patches
+    added between them) leave the runtime where one refresh would have: the same tenants
+    with the same stacks as a runtime that never read ahead."""
+    ids = [registry.put_patch(patch_files[i], name=f"p{i}").id for i in range(2)]
+    registry.set_tenant("a", [ids[0]])
+    registry.set_tenant("c", [ids[1]])
+    runtime, _ = _runtime(registry, tiny_sd)
+    runtime.refresh(wait=True)
+    registry.set_tenant("b", [ids[1]])
+    runtime.prefetch()
+    registry.delete_tenant("c")
+    new = registry.put_patch(patch_files[2], name="p2").id
+    runtime.prefetch()
+    registry.set_tenant("a", [new, ids[0]])
+    registry.set_tenant("c", [new])  # deleted in one part, back in the next
+    runtime.prefetch()
+    registry.delete_tenant("b")  # created in one part, deleted in the next
+    ahead = runtime.refresh(wait=True)
+    fresh = PatchRuntime(registry, tiny_sd).refresh(wait=True)
+    assert ahead.generation == fresh.generation == registry.generation()
+    assert (
+        {n: s.stack for n, s in ahead.tenants.items()}
+        == {n: s.stack for n, s in fresh.tenants.items()}
+        == {"a": (new, ids[0]), "c": (new,)}
+    )
+    assert all(s.ready for s in ahead.tenants.values())
+
+
+def test_a_prefetch_never_hides_an_unreadable_registry(registry, tiny_sd, patch_files):
+    """Reading ahead fails quietly (the batch in flight goes on); the next refresh reads the
+    registry itself and fails every tenant closed."""
+    registry.set_tenant("a", [registry.put_patch(patch_files[0]).id])
+    runtime, _ = _runtime(registry, tiny_sd)
+    runtime.refresh(wait=True)
+    registry.set_tenant("a", [registry.put_patch(patch_files[1]).id])
+    runtime.prefetch()
+    assert runtime.changes_waiting
+    _break_registry(registry)
+    runtime.prefetch()  # no exception
+    with pytest.raises(RegistryUnavailable):
+        runtime.refresh().state_for("a")
