@@ -120,6 +120,9 @@ class Batching(_Strict):
     # Queue-wait limit: a request no worker has started within it gets 504 at that moment
     # (and is never computed).
     queue_timeout_s: float = Field(default=300.0, gt=0.0)
+    # Denoising steps of the one generation each worker runs before it reports ready (so
+    # the first request does not pay for kernel selection and allocations); 0: none.
+    warm_up_steps: int = Field(default=2, ge=0, le=50)
 
 
 class Admission(_Strict):

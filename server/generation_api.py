@@ -29,7 +29,7 @@ from server.errors import payload_for
 from server.generation import Row, generate_batch
 from server.images_spec import ImagesSpec
 from server.runtime import RuntimeSnapshot, StackBuilding
-from server.schemas import GenerationRecord, WorkItem
+from server.schemas import GenerationRecord, ImageGenerationRequest, WorkItem
 from server.worker_health import CancelBoard, WorkerBeacon, run_dir_from_env
 
 logger = logging.getLogger(__name__)
@@ -102,6 +102,26 @@ class GenerationAPI(ls.LitAPI):
         self.registry_changed = registry.change_signal()
         # Build every tenant's stack before this worker reports ready.
         self._report(self._refresh(wait=True))
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One base-model generation at the native size before the worker reports ready,
+        so the first request does not pay for kernel selection, allocations and lazy
+        initialisation. A worker that cannot generate at all fails its start-up here."""
+        steps = self.config.batching.warm_up_steps
+        if steps == 0:
+            return
+        request = ImageGenerationRequest(prompt="a warm-up image", n=1, steps=steps)
+        item = WorkItem("warm-up", "", request, seed=0, enqueued_at=time.time())
+        started = time.perf_counter()
+        result = generate_batch(
+            self.pipe, self.encoder, [Row(item, None)], self.config.limits, self.runtime.denoiser
+        )
+        if isinstance(result.outputs[0], Exception):
+            raise RuntimeError(f"the worker's warm-up generation failed: {result.outputs[0]}")
+        seconds = time.perf_counter() - started
+        self.metrics.warmed_up(seconds)
+        logger.info("worker %d warmed up in %.2f s (%d steps)", self.worker, seconds, steps)
 
     def health(self) -> bool:
         """/health, in the API process: see ImagesSpec.healthy."""

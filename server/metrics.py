@@ -185,6 +185,13 @@ class Metrics:
             multiprocess_mode="livemostrecent",
             registry=None,
         )
+        self.warm_up = Gauge(
+            "conceptguard_worker_warm_up_seconds",
+            "How long each worker's warm-up generation took before it reported ready",
+            ["worker"],
+            multiprocess_mode="livemostrecent",
+            registry=None,
+        )
         self.gpu_memory = Gauge(
             "conceptguard_gpu_memory_bytes",
             "GPU memory allocated by each worker (one series per worker slot)",
@@ -241,6 +248,9 @@ class Metrics:
 
     def gpu_memory_bytes(self, value: int) -> None:
         self.gpu_memory.labels(worker=self.worker).set(value)
+
+    def warmed_up(self, seconds: float) -> None:
+        self.warm_up.labels(worker=self.worker).set(seconds)
 
     # --- RuntimeEvents -------------------------------------------------------------------
 

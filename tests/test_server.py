@@ -334,6 +334,10 @@ def test_admin_operations_and_their_refusals_are_counted(server, base_pipe):
     generation = families["conceptguard_registry_generation"].samples
     assert sorted(sample.labels["worker"] for sample in generation) == ["0", "1"]
     assert all("pid" not in sample.labels for sample in generation)
+    # Each worker generated once before it reported ready (issue 18's warm-up).
+    warm_up = families["conceptguard_worker_warm_up_seconds"].samples
+    assert sorted(sample.labels["worker"] for sample in warm_up) == ["0", "1"]
+    assert all(sample.value > 0 for sample in warm_up)
 
 
 def test_cli_push_and_tenant_commands(server, base_pipe, tmp_path):
