@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from erasure.closed_form import Gram, as_record, zero_residual
 from erasure.erasepro.config import EraseProConfig
-from erasure.text_readout import EncoderSlot, read_states
+from erasure.text_readout import EncoderSlot, Layer, read_states
 from erasure.token_pairs import TokenPairs
 from patches.errors import WrongTarget
 from patches.targets import find_block_list
@@ -65,20 +66,36 @@ class _Taps:
             handle.remove()
 
 
+@dataclass
+class Captured:
+    """One pass over a prompt set: per block, fc2's inputs, the stream before fc2's add and
+    the block's output, [B, L, d]; and, when asked, the states the denoiser reads."""
+
+    blocks: dict[int, dict[str, torch.Tensor]]
+    states: torch.Tensor | None = None
+
+
 @torch.no_grad()
 def capture(
     encoder: torch.nn.Module,
     ids: torch.Tensor,
     blocks: Sequence[int],
     sink: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
-) -> dict[int, dict[str, torch.Tensor]]:
-    """Per block: fc2 inputs, the stream before fc2's add and the block output, [B, L, d].
-    With `sink`, each batch goes to sink(block, taps) instead (nothing is kept)."""
+    readout: Layer | None = None,
+) -> Captured:
+    """The block taps of one pass over `ids` (with `sink`, each batch's taps go to
+    sink(block, taps) instead and none are kept); with `readout`, the same pass also keeps
+    the states the denoiser reads, so the report needs no pass of its own."""
     taps = _Taps(encoder, blocks)
     kept: dict[int, dict[str, list[torch.Tensor]]] = {b: {} for b in blocks}
+    states: list[torch.Tensor] = []
     try:
         for start in range(0, len(ids), BATCH):
-            encoder(ids[start : start + BATCH])
+            batch = ids[start : start + BATCH]
+            if readout is None:
+                encoder(batch)
+            else:
+                states.append(read_states(encoder, batch, readout))
             for block, seen in taps.seen.items():
                 if sink is not None:
                     sink(block, seen)
@@ -87,7 +104,10 @@ def capture(
                         kept[block].setdefault(key, []).append(value)
     finally:
         taps.close()
-    return {b: {k: torch.cat(v) for k, v in parts.items()} for b, parts in kept.items()}
+    return Captured(
+        {b: {k: torch.cat(v) for k, v in parts.items()} for b, parts in kept.items()},
+        torch.cat(states) if states else None,
+    )
 
 
 def _gap(pairs: TokenPairs, target: torch.Tensor, anchor: torch.Tensor) -> float:
@@ -120,23 +140,37 @@ def run_chain(
     pairs = pairs.to(device)
     retain_ids = retain_ids.to(device)
     check_ids = None if check_ids is None else check_ids.to(device)
-    anchors = capture(original, pairs.anchor_ids, blocks)
+    # The report's readout states come from the passes the edit makes anyway: the anchors'
+    # and the retain prompts' on the original encoder, the target's before the first edit
+    # and after the last.
+    anchor_pass = capture(original, pairs.anchor_ids, blocks, readout=slot.layer)
+    anchors = anchor_pass.blocks
     # The retain prompts' inputs as the original encoder makes them: where they should stay,
     # and one pass for every block (the retain set is often the largest prompt set).
     grams: dict[int, Gram] = {}
-    capture(
+    retain_pass = capture(
         original,
         retain_ids,
         blocks,
         lambda b, seen: grams.setdefault(b, Gram(seen["input"].shape[-1])).add(seen["input"]),
+        readout=slot.layer,
     )
     deltas, layers = {}, []
+    target_before = None
     for step, index in enumerate(blocks):
         fc2 = block_list[index].mlp.fc2
         w0 = fc2.weight.detach().double().cpu()
         # One pass through the encoder as edited so far: this block's inputs, and the block
         # edited last, to report how close its outputs came to the anchor's.
-        seen = capture(work, pairs.target_ids, blocks[max(step - 1, 0) : step + 1])
+        first = capture(
+            work,
+            pairs.target_ids,
+            blocks[max(step - 1, 0) : step + 1],
+            readout=slot.layer if step == 0 else None,
+        )
+        seen = first.blocks
+        if step == 0:
+            target_before = first.states  # nothing edited yet: the original's
         if step:
             layers[-1]["stream_gap_after"] = _gap(
                 pairs, seen[blocks[step - 1]]["output"], anchors[blocks[step - 1]]["output"]
@@ -164,9 +198,18 @@ def run_chain(
                 "stream_gap_before": _gap(pairs, mine["output"], theirs["output"]),
             }
         )
-    last = capture(work, pairs.target_ids, blocks[-1:])[blocks[-1]]
+    last_pass = capture(work, pairs.target_ids, blocks[-1:], readout=slot.layer)
+    last = last_pass.blocks[blocks[-1]]
     layers[-1]["stream_gap_after"] = _gap(pairs, last["output"], anchors[blocks[-1]]["output"])
-    readout = _readout(original, work, slot, pairs, retain_ids, check_ids)
+    readout = _readout(
+        Readout(anchor_pass.states, target_before, last_pass.states, retain_pass.states),
+        original,
+        work,
+        slot,
+        pairs,
+        retain_ids,
+        check_ids,
+    )
     return deltas, layers, readout
 
 
@@ -175,9 +218,19 @@ def _per_prompt_change(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     return ((new - old).norm(dim=-1) / old.norm(dim=-1).clamp_min(1e-8)).mean(1)
 
 
+@dataclass
+class Readout:
+    """Readout states the chain's own passes produced (original encoder unless noted)."""
+
+    anchor: torch.Tensor
+    target_before: torch.Tensor
+    target_after: torch.Tensor  # the edited encoder's
+    retain: torch.Tensor
+
+
 @torch.no_grad()
 def _readout(
-    original, work, slot: EncoderSlot, pairs: TokenPairs, retain_ids, check_ids
+    seen: Readout, original, work, slot: EncoderSlot, pairs: TokenPairs, retain_ids, check_ids
 ) -> dict[str, Any]:
     """What the denoiser will read: how far the target's aligned tokens still are from the
     anchor's, how far the concept's prompts and the retain prompts moved (relative norms),
@@ -191,9 +244,8 @@ def _readout(
             ]
         )
 
-    anchor = states(original, pairs.anchor_ids)
-    target_before, target_after = states(original, pairs.target_ids), states(work, pairs.target_ids)
-    kept = states(original, retain_ids)
+    anchor, kept = seen.anchor, seen.retain
+    target_before, target_after = seen.target_before, seen.target_after
     out = {
         "component": slot.component,
         "readout": slot.layer,
