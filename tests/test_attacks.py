@@ -225,3 +225,21 @@ def test_attack_table_rows_and_markdown(tmp_path):
     text = markdown(table)
     assert "| HiRM-S + ESD-x | 1 | 100.0% | 90.0% (95.0%) | 0.0% |" in text
     assert "12.5% (1/8)" in text and "1/8" in per_concept_markdown(table, "unlearndiff")
+
+
+def test_attack_settings_compare_judges_by_content(tmp_path, monkeypatch):
+    """Sweeps run from another working directory name the same judge files by another path
+    (`models/minicanvas/judges/...` or an absolute path): the same attack, so their results
+    join; a judge with other bytes, or another budget, is another attack."""
+    from bench.minicanvas.attack_table import same_settings
+
+    judges = tmp_path / "model" / "judges"
+    judges.mkdir(parents=True)
+    (judges / "pooled.safetensors").write_bytes(b"judge one")
+    (judges / "other.safetensors").write_bytes(b"judge two")
+    monkeypatch.chdir(tmp_path)
+    relative = {"judges": ["model/judges/pooled.safetensors"], "seed": 0}
+    absolute = {"judges": [str(judges / "pooled.safetensors")], "seed": 0}
+    assert same_settings(relative, absolute)
+    assert not same_settings(relative, {**absolute, "seed": 1})
+    assert not same_settings(relative, {"judges": [str(judges / "other.safetensors")], "seed": 0})

@@ -10,6 +10,7 @@ JSON keeps, per row, concept and attack, the counts, the successful prompts and 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,24 @@ LABELS = {
     ("erasepro", "unet"): "ErasePro (U-Net)",
     ("dumo", "full"): "DuMo",
 }
+
+
+def _judge_identity(entry: Any) -> str:
+    """A judge as its content: a record names it by sha256; older records by a path, which
+    another working directory spells differently (`models/...` or `/work/.../models/...`)."""
+    if isinstance(entry, dict):
+        return entry["sha256"]
+    path = Path(entry)
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else str(entry)
+
+
+def same_settings(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two attack configs are the same attack: equal but for how judges are named."""
+    judges_a = [_judge_identity(j) for j in a.get("judges", [])]
+    judges_b = [_judge_identity(j) for j in b.get("judges", [])]
+    rest_a = {k: v for k, v in a.items() if k != "judges"}
+    rest_b = {k: v for k, v in b.items() if k != "judges"}
+    return judges_a == judges_b and rest_a == rest_b
 
 
 def _compact(report: dict[str, Any]) -> dict[str, Any]:
@@ -64,7 +83,7 @@ def collect(paths: list[Path]) -> dict[str, Any]:
         block = result.get("attacks")
         if not block:
             raise SystemExit(f"conceptguard: {path} holds no attack results (--attacks)")
-        if config is not None and block["config"] != config:
+        if config is not None and not same_settings(block["config"], config):
             raise SystemExit(f"conceptguard: {path} was attacked with other settings")
         config = block["config"]
         for concept, report in block["base"].items():

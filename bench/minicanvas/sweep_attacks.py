@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.minicanvas.attack_table import same_settings
 from erasure.attacks.concepts import minicanvas_concept
 from erasure.attacks.generation import Sampling
 from erasure.attacks.judging import find_judges
@@ -168,7 +169,9 @@ def merged(parts: list[dict[str, Any]], result: dict[str, Any]) -> dict[str, Any
     blocks = [p["attacks"] for p in parts if "attacks" in p]
     if not blocks:
         return None
-    if len(blocks) != len(parts) or any(b["config"] != blocks[0]["config"] for b in blocks):
+    if len(blocks) != len(parts) or not all(
+        same_settings(b["config"], blocks[0]["config"]) for b in blocks
+    ):
         raise ValueError("the sweeps were attacked with different settings (or some not at all)")
     base = {c: r for b in blocks for c, r in b["base"].items()}
     return summary(result, base, blocks[0]["config"])
