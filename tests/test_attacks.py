@@ -243,3 +243,20 @@ def test_attack_settings_compare_judges_by_content(tmp_path, monkeypatch):
     assert same_settings(relative, absolute)
     assert not same_settings(relative, {**absolute, "seed": 1})
     assert not same_settings(relative, {"judges": [str(judges / "other.safetensors")], "seed": 0})
+
+
+def test_an_attack_suite_names_its_judges_by_content(tmp_path):
+    """The settings record (and so the key of results a sweep keeps) is the same whichever
+    path names the same judge files, and differs when their bytes do."""
+    from erasure.attacks.generation import Sampling
+    from erasure.attacks.runner import AttackSuite
+
+    def suite(folder, content=b"judge"):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "pooled.safetensors").write_bytes(content)
+        return AttackSuite(["unlearndiff"], {}, Sampling((5000,)), [folder / "pooled.safetensors"])
+
+    here = suite(tmp_path / "a" / "judges").record()
+    assert here == suite(tmp_path / "b" / "judges").record()
+    assert here["judges"][0]["file"] == "pooled.safetensors"
+    assert here != suite(tmp_path / "c" / "judges", b"another judge").record()

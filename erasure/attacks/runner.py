@@ -10,6 +10,7 @@ concept images, transfer searches), so a sweep over many defences pays for them 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -273,7 +274,12 @@ class AttackSuite:
             "attacks": self.names,
             "budgets": {p: asdict(b) for p, b in self.budgets.items() if p in used},
             "sampling": self.sampling.record(),
-            "judges": [str(f) for f in self.judge_files],
+            # By content: the same judges give the same key (and stored results) whichever
+            # path or working directory names them.
+            "judges": [
+                {"file": f.name, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
+                for f in self.judge_files
+            ],
             "ban_concept_words": self.ban_concept_words,
             "words_only": self.words_only,
             "seed": self.seed,
