@@ -110,8 +110,10 @@ class RegistryChanges:
                 f"changes from generation {later.since} cannot follow changes up to "
                 f"{self.generation}"
             )
-        if later.full or later.empty:
-            return later if later.full else self
+        if later.full:
+            return later
+        if later.empty:
+            return self
         tenants = {n: r for n, r in self.tenants.items() if n not in later.removed_tenants}
         patches = {p: r for p, r in self.patches.items() if p not in later.removed_patches}
         tenants.update(later.tenants)

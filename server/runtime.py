@@ -281,9 +281,8 @@ class PatchRuntime:
             return
         self._prefetched = changes if held is None else held.then(changes)
         for record in changes.tenants.values():
-            stack = record.stack
-            if stack and stack not in self._plans and stack not in self._builds:
-                self._builds[stack] = self._builder.submit(self._build, stack)
+            if record.stack and record.stack not in self._plans:
+                self._start_build(record.stack)
 
     def close(self) -> None:
         self._builder.shutdown(wait=False, cancel_futures=True)
@@ -388,9 +387,13 @@ class PatchRuntime:
                 self.events.stack_failed(record.tenant, failure.error)
             self._served.add(record.tenant)
             return replace(ready, failure=failure.reason)
+        self._start_build(stack)
+        return replace(ready, pending=True)
+
+    def _start_build(self, stack: tuple[str, ...]) -> None:
+        """Build `stack` on the build thread, unless a build of it is in flight already."""
         if stack not in self._builds:
             self._builds[stack] = self._builder.submit(self._build, stack)
-        return replace(ready, pending=True)
 
     def _build(self, stack: tuple[str, ...]) -> _Built:
         """The slow part of a stack, on the build thread: reads the registry, the start-up
@@ -458,7 +461,7 @@ class PatchRuntime:
         due = [stack for stack, f in self._failures.items() if f.retry_at <= now]
         for stack in due:
             del self._failures[stack]
-            self._builds[stack] = self._builder.submit(self._build, stack)
+            self._start_build(stack)
         return bool(due)
 
     def _prune_cache(self) -> None:

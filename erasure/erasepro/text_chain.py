@@ -28,7 +28,7 @@ import torch
 
 from erasure.closed_form import Gram, as_record, zero_residual
 from erasure.erasepro.config import EraseProConfig
-from erasure.text_readout import EncoderSlot, Layer, read_states
+from erasure.text_readout import EncoderSlot, Layer, read_states, read_states_batched
 from erasure.token_pairs import TokenPairs
 from patches.errors import WrongTarget
 from patches.targets import find_block_list
@@ -237,12 +237,7 @@ def _readout(
     and per check prompt how far it moved."""
 
     def states(encoder, ids):
-        return torch.cat(
-            [
-                read_states(encoder, ids[i : i + BATCH], slot.layer)
-                for i in range(0, len(ids), BATCH)
-            ]
-        )
+        return read_states_batched(encoder, ids, slot.layer, BATCH)
 
     anchor, kept = seen.anchor, seen.retain
     target_before, target_after = seen.target_before, seen.target_after
