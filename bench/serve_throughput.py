@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from server.config import COMPILE_MODES
+
 TENANTS = [f"t{i:02d}" for i in range(16)]
 PROMPTS = ["a red circle", "a blue square on grass", "two green triangles", "a yellow star"]
 
@@ -48,6 +50,12 @@ def _plain_diffusers(model: str, args: argparse.Namespace) -> float:
     try:
         pipe = load_pipeline(model, args.dtype, args.device)
         pipe.set_progress_bar_config(disable=True)
+        if args.compile != "off":  # what a user compiling the stock pipeline would do
+            from server.compiled import BACKEND
+
+            mode = None if args.compile == "default" else args.compile
+            pipe.unet = torch.compile(pipe.unet, mode=mode, backend=BACKEND)
+            pipe.vae.decode = torch.compile(pipe.vae.decode, mode=mode, backend=BACKEND)
         prompts = [PROMPTS[i % 4] for i in range(args.batch)]
         pipe(prompts, num_inference_steps=args.steps, output_type="pil")  # warm-up
         started, images = time.perf_counter(), 0
@@ -71,7 +79,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     patches = [noise_patch(pipe, seed=200 + i) for i in range(len(TENANTS))]
     plan_bytes = build_text_plan(pipe, compose_weight_stack(pipe, patches[:1])).nbytes
     del pipe
-    extra = ["--device", args.device, "--dtype", args.dtype]
+    extra = ["--device", args.device, "--dtype", args.dtype, "--compile", args.compile]
     with tempfile.TemporaryDirectory(prefix="cg-serve-throughput-") as folder:
         batching = {"max_batch_size": args.batch, "batch_timeout_s": 0.05}
         server = start_bench_server(Path(folder), model, TENANTS, args.workers, batching, extra)
@@ -103,6 +111,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "clients": args.clients,
         "requests_per_phase": args.requests,
         "steps": args.steps,
+        "compile": args.compile,
         "images_per_s_1_tenant": round(ips_one, 3),
         "images_per_s_16_tenants": round(ips_many, 3),
         "ratio_16_over_1": round(ips_many / ips_one, 4),
@@ -127,6 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for --plain")
+    parser.add_argument(
+        "--compile",
+        choices=COMPILE_MODES,
+        default="off",
+        help="serve with `serve --compile MODE`, and compile --plain's U-Net and VAE decoder "
+        "the same way",
+    )
     parser.add_argument(
         "--plain", action="store_true", help="also time plain diffusers in this process"
     )

@@ -78,6 +78,10 @@ class TenantConfig(_Strict):
     keys: list[KeyHash] = Field(min_length=1)
 
 
+# `conceptguard serve --compile`: off, or a torch.compile mode (server/compiled.py).
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+
+
 class Limits(_Strict):
     """Bounds on one generation request; each violation is a 400 that names the bound.
 

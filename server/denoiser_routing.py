@@ -17,10 +17,25 @@ between batches: no adapter is activated, no weight copied.
 Like vLLM's LoRA manager, the worker owns a bounded set of prepared stacks (one slot each)
 and a request only names which it needs; the patch runtime releases the stacks no cached
 plan uses.
+
+Compiled serving (`compile`): the hooks above are installed per call, on the layers the
+batch's stacks adapt, which is what eager serving wants (a batch pays only for its own
+adapters) but would make torch.compile retrace for every new mix of layers. Compiled, the
+router keeps one hook on every slot layer for its lifetime, reads the forward's per-row
+slots from the router (a graph input, set by the call's pre-hook outside the compiled
+forward), and never drops a layer whose last stack left (its slots stay zeros). The
+forward's batch is padded to a power of two (copies of its first row, slot 0, cut off
+again after the forward): diffusers' attention specialises the batch size, so each size
+would be its own graph. The traced forward then depends only on the batch bucket, the set
+of slot layers (every cross-attention projection from the start: RESERVED_LAYERS), the
+slot tensors' shapes (which only grow, in powers of two, from a rank of `COMPILED_RANK`)
+and whether routed modules add residuals: tenants and patches that come and go within
+them compile nothing (tests/test_compiled_routing.py counts the graphs).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,12 +49,35 @@ from patches.patch import Patch
 from patches.targets import denoiser_component
 from patches.unet_modules import SkipModule, call_inputs, with_residuals
 from server.denoiser_stacks import DenoiserStack, LayerShape, build_denoiser_stack
-from server.row_routing import rerouted, row_groups, take_rows, tile_rows, tile_subset
+from server.row_routing import (
+    pad_rows,
+    rerouted,
+    row_groups,
+    take_rows,
+    tile_rows,
+    tile_subset,
+    unpad_rows,
+)
 
 DEFAULT_MAX_RANK = 128
+# Compiled serving: the smallest rank bucket of a slot layer. A stack's rank is the sum of
+# its patches' ranks on a layer, and a larger bucket retraces the denoiser once per batch
+# bucket; 16 holds four rank-4 patches (a slot of SD 1.5's cross-attention projections at
+# rank 16 is about 2 MB in fp16).
+COMPILED_RANK = 16
+# How many graphs of the denoiser's forward dynamo may keep (its default is 8).
+COMPILED_GRAPHS = 64
+# Compiled serving: layers given slots (zeros) from the start, so that the patches most
+# methods make (ESD-x, UCE and ErasePro's U-Net chain: the cross-attention projections)
+# never add a layer, and a new layer set retrace nothing. Other layers join when a patch
+# first adapts them.
+RESERVED_LAYERS = {
+    "unet": r"(.*\.)?attn2\.(to_q|to_k|to_v|to_out\.0)",
+    "transformer": r"(.*\.)?attn\.(to_q|to_k|to_v|to_out\.0|add_[qkv]_proj|to_add_out)",
+}
 
 
-def _bucket(n: int) -> int:
+def bucket(n: int) -> int:
     """The power of two at or above `n` (at least 1)."""
     return 1 << max(0, n - 1).bit_length()
 
@@ -121,6 +159,58 @@ class DenoiserRouter:
         self.layers: dict[str, _LayerSlots] = {}
         self._stacks: dict[tuple[str, ...], tuple[DenoiserStack, int]] = {}
         self._free = list(range(capacity - 1, 0, -1))
+        # Compiled serving: one lasting hook per slot layer, and the current forward's slot
+        # per row, classifier-free guidance's copies included (None: the base denoiser).
+        self.compiled = False
+        self._lasting: dict[str, torch.utils.hooks.RemovableHandle] = {}
+        self._rows: torch.Tensor | None = None
+        self._padded: tuple[int, int] | None = None  # (batch, bucket) of the forward
+        self._min_rank = 1
+
+    def compile(
+        self, mode: str | None = None, backend: Any = "inductor", rank: int = COMPILED_RANK
+    ) -> None:
+        """Serve through `torch.compile` (`mode`: its modes, None its default): the
+        denoiser's forward is compiled, and routing switches to lasting hooks so that what
+        the forward traces does not change with the batch's tenants (module docstring).
+        The call's own pre-hook (routed modules) stays outside the compiled forward. Slot
+        layers hold at least `rank` (a power of two)."""
+        if self.compiled:
+            return
+        self.compiled = True
+        # A layer adapted for the first time gets its hook after the forward was traced:
+        # dynamo must see hooks come (by default it does not guard them, and would keep
+        # serving the graph without the new layer's adapters). And the graphs this router
+        # may need (batch buckets x slot growth x residuals) must not hit the default
+        # limit of 8 per function, past which dynamo silently runs the forward eagerly.
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
+        limit = torch._dynamo.config.recompile_limit
+        torch._dynamo.config.recompile_limit = max(limit, COMPILED_GRAPHS)
+        self._min_rank = bucket(rank)
+        reserved = RESERVED_LAYERS.get(denoiser_component(self.pipe))
+        for path, module in self.denoiser.named_modules():
+            if reserved and re.fullmatch(reserved, path) and path not in self.layers:
+                shape = LayerShape.of(module, path)
+                self.layers[path] = _LayerSlots(shape, self.capacity, self._min_rank, self.like)
+        for path, layer in self.layers.items():
+            if layer.rank < self._min_rank:
+                layer.resize(self.capacity, self._min_rank)
+            self._hook_lasting(path, layer)
+        self.denoiser.forward = torch.compile(self.denoiser.forward, mode=mode, backend=backend)
+
+    def _hook_lasting(self, path: str, layer: _LayerSlots) -> None:
+        def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            rows = self._rows
+            return output if rows is None else output + layer.delta(args[0], rows)
+
+        module = self.denoiser.get_submodule(path)
+        self._lasting[path] = module.register_forward_hook(hook)
+
+    def _drop_layer(self, path: str) -> None:
+        del self.layers[path]
+        handle = self._lasting.pop(path, None)
+        if handle is not None:
+            handle.remove()
 
     @property
     def prepared(self) -> list[tuple[str, ...]]:
@@ -167,8 +257,8 @@ class DenoiserRouter:
                 layer = self.layers[path]
                 layer.write(slot, None)
                 layer.users -= 1
-                if not layer.users:
-                    del self.layers[path]
+                if not layer.users and not self.compiled:  # compiled: layers only grow
+                    self._drop_layer(path)
             if slot:
                 self._free.append(slot)
         return released
@@ -186,12 +276,13 @@ class DenoiserRouter:
             for path, factors in stack.layers.items():
                 layer = self.layers.get(path)
                 if layer is None:
-                    layer = _LayerSlots(
-                        stack.shapes[path], self.capacity, _bucket(factors.rank), self.like
-                    )
+                    rank = bucket(max(factors.rank, self._min_rank))
+                    layer = _LayerSlots(stack.shapes[path], self.capacity, rank, self.like)
                     self.layers[path] = layer
+                    if self.compiled:
+                        self._hook_lasting(path, layer)
                 elif factors.rank > layer.rank:
-                    layer.resize(self.capacity, _bucket(factors.rank))
+                    layer.resize(self.capacity, bucket(factors.rank))
                 layer.users += 1
                 written.append(layer)
                 layer.write(slot, factors)
@@ -200,8 +291,9 @@ class DenoiserRouter:
             for layer in written:
                 layer.write(slot, None)
                 layer.users -= 1
-            for path in [p for p, layer in self.layers.items() if not layer.users]:
-                del self.layers[path]
+            unused = [p for p, layer in self.layers.items() if not layer.users]
+            for path in [] if self.compiled else unused:  # compiled: layers only grow
+                self._drop_layer(path)
             self._free.append(slot)
             raise
         return slot
@@ -223,7 +315,10 @@ class DenoiserRouter:
             device=self.like.device,
         )
         paths = sorted({path for s in stacks if s is not None for path in s.layers})
-        output_hooks = {path: self._delta_hook(self.layers[path], index) for path in paths}
+        if self.compiled:  # the lasting hooks read the rows the pre-hook sets
+            output_hooks = {"": self._unpad_hook}
+        else:
+            output_hooks = {path: self._delta_hook(self.layers[path], index) for path in paths}
         routes = [
             (torch.tensor(rows, device=self.like.device), module)
             for stack, rows in row_groups(stacks)
@@ -231,9 +326,12 @@ class DenoiserRouter:
             for module in stack.modules
         ]
         passed.adapted_layers, passed.routed_modules = len(paths), len(routes)
-        input_hooks = {"": self._input_hook(passed, routes, len(stacks))}
-        with rerouted(self.denoiser, output_hooks=output_hooks, input_hooks=input_hooks):
-            yield passed
+        input_hooks = {"": self._input_hook(passed, routes, index)}
+        try:
+            with rerouted(self.denoiser, output_hooks=output_hooks, input_hooks=input_hooks):
+                yield passed
+        finally:
+            self._rows = self._padded = None
 
     @staticmethod
     def _delta_hook(layer: _LayerSlots, index: torch.Tensor):
@@ -242,32 +340,58 @@ class DenoiserRouter:
 
         return hook
 
-    @staticmethod
     def _input_hook(
+        self,
         passed: DenoiserPass,
         routes: list[tuple[torch.Tensor, SkipModule]],
-        image_rows: int,
+        index: torch.Tensor,
     ):
+        image_rows = index.shape[0]
+
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             passed.calls += 1
-            if not routes:
-                return args, kwargs
-            sample, timestep, states = call_inputs(args, kwargs)
-            batch = sample.shape[0]
-            down: list[torch.Tensor] | None = None
-            mid: torch.Tensor | None = None
-            for image, skip_module in routes:
-                rows = tile_subset(image, image_rows, batch)
-                out = skip_module(
-                    sample.index_select(0, rows),
-                    take_rows(timestep, rows, batch),
-                    states.index_select(0, rows),
-                )
-                if down is None or mid is None:
-                    down = [o.new_zeros((batch, *o.shape[1:])) for o in out.down]
-                    mid = out.mid.new_zeros((batch, *out.mid.shape[1:]))
-                down = [d.index_add(0, rows, o) for d, o in zip(down, out.down, strict=True)]
-                mid = mid.index_add(0, rows, out.mid)
-            return args, with_residuals(kwargs, down, mid)
+            if routes:
+                kwargs = self._add_residuals(routes, image_rows, args, kwargs)
+            if self.compiled:
+                args, kwargs = self._pad(args, kwargs, index)
+            return args, kwargs
 
         return hook
+
+    @staticmethod
+    def _add_residuals(
+        routes: list[tuple[torch.Tensor, SkipModule]], image_rows: int, args: tuple, kwargs: dict
+    ) -> dict:
+        """Each routed module run on the rows that carry it, its residuals scatter-added."""
+        sample, timestep, states = call_inputs(args, kwargs)
+        batch = sample.shape[0]
+        down: list[torch.Tensor] | None = None
+        mid: torch.Tensor | None = None
+        for image, skip_module in routes:
+            rows = tile_subset(image, image_rows, batch)
+            out = skip_module(
+                sample.index_select(0, rows),
+                take_rows(timestep, rows, batch),
+                states.index_select(0, rows),
+            )
+            if down is None or mid is None:
+                down = [o.new_zeros((batch, *o.shape[1:])) for o in out.down]
+                mid = out.mid.new_zeros((batch, *out.mid.shape[1:]))
+            down = [d.index_add(0, rows, o) for d, o in zip(down, out.down, strict=True)]
+            mid = mid.index_add(0, rows, out.mid)
+        return with_residuals(kwargs, down, mid)
+
+    def _pad(self, args: tuple, kwargs: dict, index: torch.Tensor) -> tuple[tuple, dict]:
+        """A compiled forward's inputs (routed modules' residuals included) padded to the
+        batch bucket, and its per-row slots (padded rows: slot 0)."""
+        first = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        batch = first.shape[0]
+        size = bucket(batch)
+        rows = tile_rows(index, batch)
+        self._rows = torch.cat([rows, rows.new_zeros(size - batch)]) if size > batch else rows
+        self._padded = (batch, size)
+        return pad_rows(args, batch, size), pad_rows(kwargs, batch, size)
+
+    def _unpad_hook(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
+        batch, size = self._padded or (0, 0)
+        return output if batch == size else unpad_rows(output, size, batch)

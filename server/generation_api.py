@@ -24,6 +24,7 @@ import torch
 
 from patches.errors import ConceptGuardError
 from server.batching_loop import BlockingBatchedLoop
+from server.compiled import compile_pipeline, compiled_graphs, warm_up_rows
 from server.config import ServerConfig
 from server.errors import payload_for
 from server.generation import Row, generate_batch
@@ -45,6 +46,7 @@ class ModelSettings:
     source: str
     device: str = "cpu"
     dtype: str = "float32"
+    compile: str = "off"  # server/compiled.py MODES
 
 
 class GenerationAPI(ls.LitAPI):
@@ -74,6 +76,7 @@ class GenerationAPI(ls.LitAPI):
         self._reported: RuntimeSnapshot | None = None
         self.registry_changed: threading.Event | None = None
         self._refreshed_at = 0.0
+        self.compiled = False
 
     def setup(self, device: str) -> None:
         from patches.loading import load_pipeline
@@ -97,6 +100,7 @@ class GenerationAPI(ls.LitAPI):
         # never creates one (a location that lost its registry fails every tenant closed).
         registry = open_registry(self.registry_path, create=False)
         self.runtime = PatchRuntime(registry, self.pipe, self.metrics)
+        self.compiled = compile_pipeline(self.pipe, self.runtime.denoiser, self.settings.compile)
         # Set on every write to a database registry (by any replica), before the first
         # refresh, so nothing committed meanwhile goes unseen; None for a local registry.
         self.registry_changed = registry.change_signal()
@@ -107,21 +111,42 @@ class GenerationAPI(ls.LitAPI):
     def _warm_up(self) -> None:
         """One base-model generation at the native size before the worker reports ready,
         so the first request does not pay for kernel selection, allocations and lazy
-        initialisation. A worker that cannot generate at all fails its start-up here."""
+        initialisation; compiled, one per batch bucket (each is a graph to compile). A
+        worker that cannot generate at all fails its start-up here."""
         steps = self.config.batching.warm_up_steps
         if steps == 0:
             return
         request = ImageGenerationRequest(prompt="a warm-up image", n=1, steps=steps)
-        item = WorkItem("warm-up", "", request, seed=0, enqueued_at=time.time())
+        batches = [1]
+        if self.compiled:
+            batches = warm_up_rows(self.config.batching.max_batch_size)
         started = time.perf_counter()
-        result = generate_batch(
-            self.pipe, self.encoder, [Row(item, None)], self.config.limits, self.runtime.denoiser
-        )
-        if isinstance(result.outputs[0], Exception):
-            raise RuntimeError(f"the worker's warm-up generation failed: {result.outputs[0]}")
+        for rows in batches:
+            items = [
+                WorkItem("warm-up", "", request, seed=i, enqueued_at=time.time())
+                for i in range(rows)
+            ]
+            result = generate_batch(
+                self.pipe,
+                self.encoder,
+                [Row(item, None) for item in items],
+                self.config.limits,
+                self.runtime.denoiser,
+            )
+            failed = [o for o in result.outputs if isinstance(o, Exception)]
+            if failed:
+                raise RuntimeError(f"the worker's warm-up generation failed: {failed[0]}")
         seconds = time.perf_counter() - started
         self.metrics.warmed_up(seconds)
-        logger.info("worker %d warmed up in %.2f s (%d steps)", self.worker, seconds, steps)
+        if self.compiled:
+            self.metrics.graphs_compiled(compiled_graphs())
+        logger.info(
+            "worker %d warmed up in %.2f s (%d steps, batches of %s rows)",
+            self.worker,
+            seconds,
+            steps,
+            ", ".join(map(str, batches)),
+        )
 
     def health(self) -> bool:
         """/health, in the API process: see ImagesSpec.healthy."""
@@ -268,6 +293,8 @@ class GenerationAPI(ls.LitAPI):
             )
             answers[i] = {"status": 200, "images": output, "record": record}
         self.metrics.batch_done(result.timings, images_by_tenant)
+        if self.compiled:
+            self.metrics.graphs_compiled(compiled_graphs())
         if torch.cuda.is_available() and self.settings.device == "cuda":
             self.metrics.gpu_memory_bytes(torch.cuda.memory_allocated())
         return answers

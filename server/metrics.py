@@ -192,6 +192,14 @@ class Metrics:
             multiprocess_mode="livemostrecent",
             registry=None,
         )
+        self.compiled_graphs = Gauge(
+            "conceptguard_compiled_graphs",
+            "Graphs torch.compile traced in each worker (serve --compile): one per batch "
+            "bucket after warm-up; a rise while serving is a recompilation",
+            ["worker"],
+            multiprocess_mode="livemostrecent",
+            registry=None,
+        )
         self.gpu_memory = Gauge(
             "conceptguard_gpu_memory_bytes",
             "GPU memory allocated by each worker (one series per worker slot)",
@@ -251,6 +259,9 @@ class Metrics:
 
     def warmed_up(self, seconds: float) -> None:
         self.warm_up.labels(worker=self.worker).set(seconds)
+
+    def graphs_compiled(self, count: int) -> None:
+        self.compiled_graphs.labels(worker=self.worker).set(count)
 
     # --- RuntimeEvents -------------------------------------------------------------------
 

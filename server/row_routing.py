@@ -68,6 +68,37 @@ def take_rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
     return value
 
 
+# Inputs whose first dimension is not the batch, whatever its size (Flux's position ids).
+UNBATCHED = frozenset({"txt_ids", "img_ids"})
+
+
+def pad_rows(value: Any, batch: int, size: int) -> Any:
+    """`value` grown from `batch` to `size` rows with copies of its first row, when it is a
+    per-row tensor (or holds some: dicts, tuples and lists entry by entry); anything else
+    unchanged. Padded rows are computed and thrown away (`unpad_rows`)."""
+    if isinstance(value, torch.Tensor):
+        if size == batch or value.dim() == 0 or value.shape[0] != batch:
+            return value
+        return torch.cat([value, value[:1].expand(size - batch, *value.shape[1:])])
+    if isinstance(value, dict):
+        return {k: v if k in UNBATCHED else pad_rows(v, batch, size) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(pad_rows(v, batch, size) for v in value)
+    return value
+
+
+def unpad_rows(value: Any, size: int, batch: int) -> Any:
+    """A padded forward's output cut back to the batch's rows (diffusers' output classes
+    are dicts: rebuilt field by field)."""
+    if isinstance(value, torch.Tensor):
+        return value[:batch] if value.dim() > 0 and value.shape[0] == size else value
+    if isinstance(value, dict):
+        return type(value)(**{k: unpad_rows(v, size, batch) for k, v in value.items()})
+    if isinstance(value, (tuple, list)):
+        return type(value)(unpad_rows(v, size, batch) for v in value)
+    return value
+
+
 def scatter_rows(merged: Any, out: Any, rows: torch.Tensor, batch: int) -> Any:
     """Write a group's output (a tensor, or a tuple/list holding tensors) into the batch's."""
     if isinstance(out, torch.Tensor):

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from patches.errors import ConceptGuardError, ModelLoadError
+from server.config import COMPILE_MODES
 
 ENV_DATA_HOME = "XDG_DATA_HOME"
 
@@ -83,6 +84,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--workers", type=int, default=1, help="inference worker processes")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    parser.add_argument(
+        "--compile",
+        choices=COMPILE_MODES,
+        default="off",
+        help="serve the denoiser and VAE through torch.compile in this mode (each worker "
+        "compiles every batch bucket before it reports ready; for GPUs; default off)",
+    )
     parser.add_argument("--timeout", type=float, help="queue-wait limit in seconds (config)")
     parser.set_defaults(func=serve_command)
 
@@ -240,7 +248,9 @@ def _serve(args: argparse.Namespace, run_dir: Path) -> int:
             f"  tenant 'default': {keys['default']}\n  admin: {keys['admin']}",
             flush=True,
         )
-    settings = ModelSettings(source=folder, device=args.device, dtype=args.dtype)
+    settings = ModelSettings(
+        source=folder, device=args.device, dtype=args.dtype, compile=args.compile
+    )
     server = build_server(
         settings,
         config,

@@ -84,11 +84,14 @@ def start_tenant_server(
     workers: int = 2,
     registry: str | None = None,
     env: dict[str, str] | None = None,
+    serve_args: list[str] | None = None,
     **config: Any,
 ):
-    """`registry`: a location (a database URL); default a new directory in `folder`."""
+    """`registry`: a location (a database URL); default a new directory in `folder`.
+    `serve_args`: more `conceptguard serve` options."""
     location = registry or folder / "registry"
     config_path = write_config(folder / "config.json", **config)
     args = ["--workers", str(workers), "--model", str(model), "--registry", str(location)]
-    process = start_server([*args, "--config", str(config_path)], folder / "server.log", env)
+    args += ["--config", str(config_path), *(serve_args or [])]
+    process = start_server(args, folder / "server.log", env)
     return TenantServer(process, location)

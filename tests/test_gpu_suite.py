@@ -17,11 +17,17 @@ def test_the_gpu_suite_runs_on_the_cpu_with_a_tiny_configuration(tmp_path):
     assert {name: run["exit"] for name, run in result["runs"].items()} == {
         "mixed_stacks": 0,
         "serve_throughput": 0,
+        "serve_throughput_compiled": 0,
         "hirm_cost": 0,
     }
+    # The compiled run served through `serve --compile` (traced with dynamo's eager backend).
+    compiled = json.loads((out / "serve_throughput_compiled.json").read_text())
+    assert compiled["compile"] == "default"
     figures = result["figures"]
     for name in ("plain_diffusers_images_per_s", "server_16_tenants_images_per_s",
-                 "ratio_16_over_1", "ratio_b_over_a", "hirm_seconds"):  # fmt: skip
+                 "ratio_16_over_1", "ratio_b_over_a", "hirm_seconds",
+                 "plain_compiled_images_per_s", "server_compiled_16_tenants_images_per_s",
+                 "server_over_plain_compiled"):  # fmt: skip
         assert figures[name] is not None and figures[name] > 0, name
-    assert len(result["checks"]) == 4 and all(c["met"] is not None for c in result["checks"])
+    assert len(result["checks"]) == 5 and all(c["met"] is not None for c in result["checks"])
     assert "these figures mean nothing" in proc.stdout
