@@ -101,7 +101,9 @@ def esd_config(
     # reach UA >= 90% with the other objects' IRA within 10 points. `retain` adds the
     # preservation term on the other concepts' captions (the sweep's --esd-retain-weight;
     # weight 10 kept IRA within 2 points of the base's).
-    settings = dict(steps=200, batch=8, lr=1e-3, rank=1, progress=False)
+    # The whole trajectory (t_range 0-1): what every published table was measured with; the
+    # erase command's default is now its first 60% (erasure/esd/config.py).
+    settings = dict(steps=200, batch=8, lr=1e-3, rank=1, t_range=(0.0, 1.0), progress=False)
     settings.update(overrides)
     prompt_settings = _prompt_settings(concepts, retain)
     if not anchored:

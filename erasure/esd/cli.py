@@ -46,8 +46,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     esd.add_argument("--sample-steps", type=int, default=EsdConfig.sample_steps)
     esd.add_argument(
         "--timesteps",
-        default="0,1",
-        help="fraction of the sampling trajectory x_t is drawn from, e.g. 0,1 or 0.2,0.8",
+        default=",".join(f"{x:g}" for x in EsdConfig.t_range),
+        help="fraction of the sampling trajectory x_t is drawn from, 0 being pure noise "
+        f"(default {','.join(f'{x:g}' for x in EsdConfig.t_range)}; 0,1: all of it)",
     )
     esd.add_argument(
         "--resolution",
