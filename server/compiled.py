@@ -58,11 +58,12 @@ def compile_pipeline(pipe: Any, router: DenoiserRouter, mode: str) -> bool:
     return True
 
 
-def warm_up_rows(max_batch_size: int) -> list[int]:
+def warm_up_rows(max_rows: int) -> list[int]:
     """Image rows per warm-up batch so that every batch bucket a worker can see is compiled
-    before it serves: 1, 2, 4, ... up to the max batch size."""
+    before it serves: 1, 2, 4, ... up to `max_rows` (the max batch size x the images a
+    request may ask for)."""
     rows, n = [], 1
-    while n < max_batch_size:
+    while n < max_rows:
         rows.append(n)
         n *= 2
-    return [*rows, max_batch_size]
+    return [*rows, max_rows]

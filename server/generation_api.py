@@ -46,7 +46,7 @@ class ModelSettings:
     source: str
     device: str = "cpu"
     dtype: str = "float32"
-    compile: str = "off"  # server/compiled.py MODES
+    compile: str = "off"  # server/config.py COMPILE_MODES
 
 
 class GenerationAPI(ls.LitAPI):
@@ -119,7 +119,8 @@ class GenerationAPI(ls.LitAPI):
         request = ImageGenerationRequest(prompt="a warm-up image", n=1, steps=steps)
         batches = [1]
         if self.compiled:
-            batches = warm_up_rows(self.config.batching.max_batch_size)
+            limits = self.config.limits
+            batches = warm_up_rows(self.config.batching.max_batch_size * limits.max_images)
         started = time.perf_counter()
         for rows in batches:
             items = [

@@ -62,7 +62,9 @@ def test_tenants_and_patches_change_without_recompiling(tmp_path, sd_model_path)
     )
     try:
         warm = _graphs(server)
-        assert warm >= 3  # the denoiser's buckets of 2, 4 and 8 rows, and the decoder's
+        # Warm-up: batches of 1, 2, 4, 8 and 16 image rows (4 requests x 4 images at most),
+        # a graph each for the denoiser (twice the rows with guidance) and the decoder.
+        assert warm >= 5
         _assign(server, "a", first, "lora-a")
         _assign(server, "b", other, "lora-b")
         want = {"a": expected["first"], "b": expected["other"], "c": expected["base"]}
@@ -76,6 +78,8 @@ def test_tenants_and_patches_change_without_recompiling(tmp_path, sd_model_path)
                 for tenant, (image, record) in pool.map(call, tenants):
                     assert record["tenant"] == tenant
                     assert _close(image, want[tenant]), tenant
+        several = server.generate("b", n=3)  # 3 image rows in one request: bucket 4
+        assert several.status_code == 200 and len(several.json()["data"]) == 3
         generation = _assign(server, "a", second, "lora-a2")
         image, record = server.image("a")
         assert record["tenant_generation"] == generation
