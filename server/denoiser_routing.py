@@ -159,8 +159,8 @@ class DenoiserRouter:
         self.layers: dict[str, _LayerSlots] = {}
         self._stacks: dict[tuple[str, ...], tuple[DenoiserStack, int]] = {}
         self._free = list(range(capacity - 1, 0, -1))
-        # Compiled serving: one lasting hook per slot layer, and the current forward's slot
-        # per row, classifier-free guidance's copies included (None: the base denoiser).
+        # The current forward's slot per row, classifier-free guidance's copies included
+        # (None: the base denoiser), and compiled serving's lasting hooks.
         self.compiled = False
         self._lasting: dict[str, torch.utils.hooks.RemovableHandle] = {}
         self._rows: torch.Tensor | None = None
@@ -198,13 +198,19 @@ class DenoiserRouter:
             self._hook_lasting(path, layer)
         self.denoiser.forward = torch.compile(self.denoiser.forward, mode=mode, backend=backend)
 
-    def _hook_lasting(self, path: str, layer: _LayerSlots) -> None:
+    def _layer_hook(self, layer: _LayerSlots):
+        """A slot layer's forward hook: each row's B (A x), for the forward's per-row slots
+        (set by the call's pre-hook; None outside a routed call: the base layer)."""
+
         def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
             rows = self._rows
             return output if rows is None else output + layer.delta(args[0], rows)
 
+        return hook
+
+    def _hook_lasting(self, path: str, layer: _LayerSlots) -> None:
         module = self.denoiser.get_submodule(path)
-        self._lasting[path] = module.register_forward_hook(hook)
+        self._lasting[path] = module.register_forward_hook(self._layer_hook(layer))
 
     def _drop_layer(self, path: str) -> None:
         del self.layers[path]
@@ -318,7 +324,7 @@ class DenoiserRouter:
         if self.compiled:  # the lasting hooks read the rows the pre-hook sets
             output_hooks = {"": self._unpad_hook}
         else:
-            output_hooks = {path: self._delta_hook(self.layers[path], index) for path in paths}
+            output_hooks = {path: self._layer_hook(self.layers[path]) for path in paths}
         routes = [
             (torch.tensor(rows, device=self.like.device), module)
             for stack, rows in row_groups(stacks)
@@ -333,13 +339,6 @@ class DenoiserRouter:
         finally:
             self._rows = self._padded = None
 
-    @staticmethod
-    def _delta_hook(layer: _LayerSlots, index: torch.Tensor):
-        def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            return output + layer.delta(args[0], tile_rows(index, output.shape[0]))
-
-        return hook
-
     def _input_hook(
         self,
         passed: DenoiserPass,
@@ -352,8 +351,10 @@ class DenoiserRouter:
             passed.calls += 1
             if routes:
                 kwargs = self._add_residuals(routes, image_rows, args, kwargs)
+            first = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+            self._rows = tile_rows(index, first.shape[0])  # what the layer hooks read
             if self.compiled:
-                args, kwargs = self._pad(args, kwargs, index)
+                args, kwargs = self._pad(args, kwargs)
             return args, kwargs
 
         return hook
@@ -381,13 +382,12 @@ class DenoiserRouter:
             mid = mid.index_add(0, rows, out.mid)
         return with_residuals(kwargs, down, mid)
 
-    def _pad(self, args: tuple, kwargs: dict, index: torch.Tensor) -> tuple[tuple, dict]:
+    def _pad(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """A compiled forward's inputs (routed modules' residuals included) padded to the
         batch bucket, and its per-row slots (padded rows: slot 0)."""
-        first = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
-        batch = first.shape[0]
+        rows = self._rows
+        batch = rows.shape[0]
         size = bucket(batch)
-        rows = tile_rows(index, batch)
         self._rows = torch.cat([rows, rows.new_zeros(size - batch)]) if size > batch else rows
         self._padded = (batch, size)
         return pad_rows(args, batch, size), pad_rows(kwargs, batch, size)
