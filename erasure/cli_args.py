@@ -50,6 +50,27 @@ def add_retain_arguments(
     parser.add_argument("--retain-weight", type=float, default=weight_default, help=weight_help)
 
 
+def add_timestep_arguments(parser: argparse.ArgumentParser, default: tuple[float, float]) -> None:
+    """--timesteps: where on the sampling trajectory training draws x_t (ESD, DuMo)."""
+    shown = ",".join(f"{x:g}" for x in default)
+    parser.add_argument(
+        "--timesteps",
+        default=shown,
+        help="fraction of the sampling trajectory x_t is drawn from, 0 being pure noise "
+        f"(default {shown}; 0,1: all of it)",
+    )
+
+
+def timesteps_from_args(args: argparse.Namespace) -> tuple[float, float]:
+    try:
+        low, high = (float(x) for x in args.timesteps.split(","))
+    except ValueError:
+        raise PromptError(
+            f"--timesteps takes two fractions like 0,1, not {args.timesteps!r}"
+        ) from None
+    return low, high
+
+
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     """--seed, --device, --dtype, the patch name and file, and the JSON report."""
     parser.add_argument("--seed", type=int, default=0)

@@ -9,8 +9,10 @@ from erasure.cli_args import (
     add_output_arguments,
     add_prompt_arguments,
     add_retain_arguments,
+    add_timestep_arguments,
     concepts_from_args,
     prompts_from_args,
+    timesteps_from_args,
 )
 from erasure.dumo.config import DumoConfig
 from erasure.prompts import PromptError
@@ -46,6 +48,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--no-prior", action="store_true", help="ablation: a randomly initialised eraser"
     )
     dumo.add_argument("--sample-steps", type=int, default=DumoConfig.sample_steps)
+    add_timestep_arguments(dumo, DumoConfig.t_range)
     dumo.add_argument("--resolution", type=int, help="training image side in pixels")
     dumo.add_argument(
         "--checkpoint",
@@ -83,6 +86,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[DumoConfig, str]:
         tlmo_steps=args.tlmo_steps,
         check_prompts=prompts.check,
         sample_steps=args.sample_steps,
+        t_range=timesteps_from_args(args),
         resolution=args.resolution,
         checkpoint=Path(args.checkpoint) if args.checkpoint else None,
         seed=args.seed,

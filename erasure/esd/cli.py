@@ -9,11 +9,12 @@ from erasure.cli_args import (
     add_output_arguments,
     add_prompt_arguments,
     add_retain_arguments,
+    add_timestep_arguments,
     concepts_from_args,
     prompts_from_args,
+    timesteps_from_args,
 )
 from erasure.esd.config import EsdConfig
-from erasure.prompts import PromptError
 from erasure.verdict import judge_patch
 
 
@@ -44,12 +45,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     esd.add_argument("--batch", type=int, default=EsdConfig.batch)
     esd.add_argument("--sample-steps", type=int, default=EsdConfig.sample_steps)
-    esd.add_argument(
-        "--timesteps",
-        default=",".join(f"{x:g}" for x in EsdConfig.t_range),
-        help="fraction of the sampling trajectory x_t is drawn from, 0 being pure noise "
-        f"(default {','.join(f'{x:g}' for x in EsdConfig.t_range)}; 0,1: all of it)",
-    )
+    add_timestep_arguments(esd, EsdConfig.t_range)
     esd.add_argument(
         "--resolution",
         type=int,
@@ -68,12 +64,6 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def config_from_args(args: argparse.Namespace) -> tuple[EsdConfig, str]:
     """The run's config and where its retain prompts came from."""
-    try:
-        low, high = (float(x) for x in args.timesteps.split(","))
-    except ValueError:
-        raise PromptError(
-            f"--timesteps takes two fractions like 0,1, not {args.timesteps!r}"
-        ) from None
     concepts = concepts_from_args(args)
     prompts = prompts_from_args(args, concepts)
     config = EsdConfig(
@@ -87,7 +77,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[EsdConfig, str]:
         eta=args.eta,
         batch=args.batch,
         sample_steps=args.sample_steps,
-        t_range=(low, high),
+        t_range=timesteps_from_args(args),
         resolution=args.resolution,
         retain_prompts=prompts.retain,
         check_prompts=prompts.check,
