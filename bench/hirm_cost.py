@@ -3,7 +3,9 @@ text encoder (random weights: the cost depends on shapes, not on what the weight
 
 Builds an SD-1.x-shaped pipeline whose text encoder has CLIP ViT-L/14's text configuration
 (12 blocks, width 768, 77 tokens, 49,408-token vocabulary) and a tiny U-Net/VAE, then times
-`erase_hirm` with its default settings, a few repetitions, on CPU or CUDA.
+`erase_hirm` with its default settings, a few repetitions, on CPU or CUDA. The last patch is
+then stored as rank-`--compress-rank` float16 deltas (`patch compress`): the bytes a registry
+and a worker would hold per tenant instead of block 0 in float32.
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", default="S")
     parser.add_argument("--steps", type=int, help="fixed steps (default: HiRM's own stopping)")
     parser.add_argument("--layers", type=int, help="encoder blocks (default: CLIP-L's 12)")
+    parser.add_argument(
+        "--compress-rank", type=int, default=128, help="rank of the compressed patch's deltas"
+    )
     parser.add_argument("--json", dest="json_out")
     args = parser.parse_args(argv)
     pipe = clip_l_pipeline(layers=args.layers).to(args.device)
@@ -77,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
             seconds.append(result.seconds)
             reports.append(result.reports[0])
             memory.append(result.peak_memory_bytes)
+    from patches.compress import compress_patch
+
+    compressed, compression = compress_patch(result.patches[0], pipe, args.compress_rank)
     summary = {
         "encoder": "CLIP-L text configuration, random weights"
         + (f", {args.layers} blocks" if args.layers else ""),
@@ -94,13 +102,18 @@ def main(argv: list[str] | None = None) -> int:
         "peak_memory_bytes": max(memory),
         "peak_memory_kind": result.peak_memory_kind,
         "patch_bytes": len(result.patches[0].to_bytes()),
+        "compressed_patch_bytes": len(compressed.to_bytes()),
+        "compressed_rank": args.compress_rank,
+        "compressed_max_error": compression.max_error,
     }
     print(
         f"HiRM-{args.variant} on a CLIP-L-sized encoder ({args.device}): median "
         f"{summary['seconds_median']:.2f} s over {len(seconds)} runs "
         f"({', '.join(f'{s:.2f}' for s in seconds)}), peak memory "
         f"{summary['peak_memory_bytes'] / 2**20:.0f} MiB ({summary['peak_memory_kind']}), "
-        f"patch {summary['patch_bytes'] / 2**20:.1f} MiB, "
+        f"patch {summary['patch_bytes'] / 2**20:.1f} MiB "
+        f"({summary['compressed_patch_bytes'] / 2**20:.1f} MiB as rank-{args.compress_rank} "
+        "float16 deltas), "
         f"{summary['trained_parameters'] / 1e6:.2f}M trained parameters, "
         f"{summary['prompts']} prompts x {summary['steps']} steps"
     )

@@ -60,21 +60,21 @@ def _parameters_by_name(module: torch.nn.Module) -> dict[str, torch.nn.Parameter
 
 
 def verify_weights(
-    tensors: dict[str, torch.Tensor], parameters: Mapping[str, tuple[int, ...]], label: str
+    shapes: Mapping[str, tuple[int, ...]], parameters: Mapping[str, tuple[int, ...]], label: str
 ) -> None:
-    """Every tensor names a base parameter of the component (`parameters`: name -> shape)
-    and has its shape."""
-    unknown = sorted(n for n in tensors if n not in parameters)
+    """Every edited parameter (`shapes`: name -> the edit's shape) is a base parameter of the
+    component (`parameters`: name -> shape) and has its shape."""
+    unknown = sorted(n for n in shapes if n not in parameters)
     if unknown:
         example = next(iter(parameters), "nothing")
         raise UnknownTensorName(
             f"the patch edits {len(unknown)} tensor(s) that this {label} does not have: "
             f"{_list_names(unknown)} (its parameters are named like '{example}')"
         )
-    for name, tensor in tensors.items():
-        if tuple(tensor.shape) != tuple(parameters[name]):
+    for name, shape in shapes.items():
+        if tuple(shape) != tuple(parameters[name]):
             raise ShapeMismatch(
-                f"tensor '{name}' has shape {list(tensor.shape)} but this {label}'s parameter "
+                f"tensor '{name}' has shape {list(shape)} but this {label}'s parameter "
                 f"has shape {list(parameters[name])}"
             )
 
@@ -86,17 +86,18 @@ def combined_value(current: torch.Tensor, tensor: torch.Tensor, mode: str) -> to
     per-tenant stacks (patches/stacks.py), so both give bit-identical weights.
     """
     value = tensor.to(device=current.device)
-    if mode == "delta":
+    if mode in ("delta", "lowrank"):  # a lowrank edit arrives multiplied out (Patch.weight_edits)
         # Add in float32 so a half-precision base does not lose the delta's low bits.
         value = current.detach().float() + value.float()
     return value.to(current.dtype)
 
 
-def apply_weights(patch_id: str, manifest: Manifest, tensors, module) -> AppliedPatch:
+def apply_weights(patch_id: str, manifest: Manifest, edits, module) -> AppliedPatch:
+    """`edits`: parameter name -> dense value or delta (`Patch.weight_edits`)."""
     params = _parameters_by_name(module)
     record = AppliedPatch(patch_id, manifest.kind)
     with torch.no_grad():
-        for name, tensor in tensors.items():
+        for name, tensor in edits.items():
             param = params[name]
             record.originals[name] = param.detach().clone()
             param.copy_(combined_value(param, tensor, manifest.mode))

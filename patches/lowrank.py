@@ -74,3 +74,67 @@ def lora_as_lowrank(lora_a: torch.Tensor, lora_b: torch.Tensor) -> LowRank:
             f"{list(lora_b.shape[2:])}"
         )
     return LowRank(lora_a, lora_b.reshape(lora_b.shape[0], lora_b.shape[1]))
+
+
+# --- low-rank weight edits: a `lowrank` patch's tensors ------------------------------------
+
+# A `lowrank` text_encoder / unet_weights patch stores each edited matrix's delta as factors
+# `<parameter>.lowrank_A` [rank, in (, kh, kw)] and `<parameter>.lowrank_B` [out, rank];
+# parameters without the suffixes (biases, norms) are dense deltas.
+LOWRANK_A, LOWRANK_B = ".lowrank_A", ".lowrank_B"
+# The largest parameter a factor pair may stand for: checked before anything is multiplied,
+# so an untrusted file of small factors cannot make us allocate a huge product.
+MAX_EDIT_ELEMENTS = 2**27
+
+
+def split_lowrank(
+    tensors: dict[str, torch.Tensor],
+) -> tuple[dict[str, LowRank], dict[str, torch.Tensor]]:
+    """(parameter -> factors, parameter -> dense delta) of a lowrank patch's tensors; refuses
+    unpaired or ill-shaped factors and products above MAX_EDIT_ELEMENTS."""
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    dense: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        for suffix in (LOWRANK_A, LOWRANK_B):
+            if name.endswith(suffix):
+                halves.setdefault(name.removesuffix(suffix), {})[suffix] = tensor
+                break
+        else:
+            dense[name] = tensor
+    factors = {}
+    for name, pair in halves.items():
+        if len(pair) != 2:
+            missing = LOWRANK_B if LOWRANK_A in pair else LOWRANK_A
+            raise BadTensorEntry(f"'{name}' has no {missing.lstrip('.')}; factors come in pairs")
+        if name in dense:
+            raise BadTensorEntry(f"'{name}' is stored both densely and as low-rank factors")
+        a, b = pair[LOWRANK_A], pair[LOWRANK_B]
+        if a.dim() not in (2, 4) or b.dim() != 2 or a.shape[0] != b.shape[1] or a.shape[0] < 1:
+            raise BadTensorEntry(
+                f"'{name}': lowrank_A {list(a.shape)} and lowrank_B {list(b.shape)} are not "
+                "factors of one edit (expected A [rank, in] or [rank, in, kh, kw], B [out, rank])"
+            )
+        if b.shape[0] * a[0].numel() > MAX_EDIT_ELEMENTS:
+            raise BadTensorEntry(f"'{name}': the factors stand for more than 2^27 values")
+        factors[name] = LowRank(a, b)
+    return factors, dense
+
+
+def lowrank_shape(factors: LowRank) -> tuple[int, ...]:
+    """The shape of the parameter a factor pair edits (without multiplying it out)."""
+    return (factors.b.shape[0], *factors.a.shape[1:])
+
+
+def truncate(delta: torch.Tensor, rank: int) -> tuple[LowRank, float]:
+    """The best rank-`rank` factors of a Linear / Conv2d delta (a truncated SVD) and their
+    relative error ||delta - B A||_F / ||delta||_F."""
+    out = delta.shape[0]
+    flat = delta.detach().reshape(out, -1).double()
+    u, s, vh = torch.linalg.svd(flat, full_matrices=False)
+    keep = max(1, min(rank, s.numel()))
+    total = float(s.square().sum())
+    error = float(s[keep:].square().sum() / total) ** 0.5 if total > 0 else 0.0
+    root = s[:keep].sqrt()
+    b = (u[:, :keep] * root).float().contiguous()
+    a = (root[:, None] * vh[:keep]).float().reshape(keep, *delta.shape[1:]).contiguous()
+    return LowRank(a, b), error

@@ -15,12 +15,13 @@ FORMAT_VERSION = 1
 METADATA_KEY = "conceptguard"
 
 Kind = Literal["text_encoder", "unet_lora", "unet_weights", "unet_module"]
-# How the tensors combine with the base: replace it, add to it, a LoRA pair, an added module.
-Mode = Literal["override", "delta", "lora", "module"]
+# How the tensors combine with the base: replace it, add to it, add the product of low-rank
+# factors (patches/lowrank.py), a LoRA pair, an added module.
+Mode = Literal["override", "delta", "lowrank", "lora", "module"]
 
 KIND_MODES: dict[str, tuple[str, ...]] = {
-    "text_encoder": ("override", "delta"),
-    "unet_weights": ("override", "delta"),
+    "text_encoder": ("override", "delta", "lowrank"),
+    "unet_weights": ("override", "delta", "lowrank"),
     "unet_lora": ("lora",),
     "unet_module": ("module",),
 }

@@ -25,6 +25,7 @@ from patches.errors import (
     StackOrderError,
     WrongTarget,
 )
+from patches.lowrank import lowrank_shape, split_lowrank
 from patches.manifest import FORMAT_VERSION, METADATA_KEY, Manifest, Target, now_utc
 from patches.patch_file import DEFAULT_LIMITS, FileLimits, decode_patch_bytes
 from patches.targets import (
@@ -61,6 +62,7 @@ class Patch:
     tensors: dict[str, torch.Tensor]
     _bytes: bytes | None = field(default=None, repr=False, compare=False)
     _id: str | None = field(default=None, repr=False, compare=False)
+    _dense: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     # --- making ---------------------------------------------------------------------
 
@@ -169,6 +171,31 @@ class Patch:
                     f"a {kind} patch holds dense tensors, but '{lora[0]}' is a LoRA weight; "
                     "LoRA belongs in a unet_lora patch"
                 )
+            if self.manifest.mode == "lowrank":
+                split_lowrank(self.tensors)
+
+    def edit_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Parameter name -> shape of what a text_encoder / unet_weights patch edits (a
+        factor pair's product shape, computed without multiplying)."""
+        if self.manifest.mode != "lowrank":
+            return {name: tuple(t.shape) for name, t in self.tensors.items()}
+        factors, dense = split_lowrank(self.tensors)
+        shapes = {name: tuple(t.shape) for name, t in dense.items()}
+        shapes.update((name, lowrank_shape(f)) for name, f in factors.items())
+        return shapes
+
+    def weight_edits(self) -> dict[str, torch.Tensor]:
+        """Parameter name -> the edit of a text_encoder / unet_weights patch, as its mode
+        combines it with the base (`kinds.combined_value`): a lowrank patch's factors
+        multiplied out in float32 (kept: stacks ask again). Sized by `verify` first."""
+        if self.manifest.mode != "lowrank":
+            return self.tensors
+        if self._dense is None:
+            factors, dense = split_lowrank(self.tensors)
+            edits = {name: t.float() for name, t in dense.items()}
+            edits.update((name, f.dense()) for name, f in factors.items())
+            self._dense = edits
+        return self._dense
 
     def verify(self, target: Any) -> None:
         """Check this patch fits `target` (a pipeline, or its ModelSignature): component,
@@ -192,7 +219,7 @@ class Patch:
             )
         kind = self.manifest.kind
         if kind in ("text_encoder", "unet_weights"):
-            kinds.verify_weights(self.tensors, signature.parameters, component)
+            kinds.verify_weights(self.edit_shapes(), signature.parameters, component)
         elif kind == "unet_lora":
             kinds.verify_lora(self.manifest, self.tensors, signature.layers, signature.kernels)
         else:
@@ -214,7 +241,7 @@ class Patch:
         elif self.manifest.kind == "unet_module":
             record = kinds.apply_module(self.id, self.manifest, self.tensors, module)
         else:
-            record = kinds.apply_weights(self.id, self.manifest, self.tensors, module)
+            record = kinds.apply_weights(self.id, self.manifest, self.weight_edits(), module)
         stack.append(record)
 
     def remove(self, pipe: Any) -> None:

@@ -29,6 +29,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAc
     verify.add_argument("--dtype", choices=_DTYPES, default="float32")
     verify.add_argument("--json", action="store_true", help="print JSON")
     verify.set_defaults(func=verify_command)
+
+    compress = commands.add_parser(
+        "compress",
+        help="store a text_encoder / unet_weights patch as low-rank deltas in half precision",
+        description="Rewrite a weight patch as each matrix's best rank-R delta (a truncated "
+        "SVD) stored in half precision: lossy, so measure the result again (bench quality).",
+    )
+    compress.add_argument("file")
+    compress.add_argument("--model", required=True, help="the base the patch was made for")
+    compress.add_argument("--rank", type=int, default=128, help="rank per matrix (default 128)")
+    compress.add_argument(
+        "--store-dtype", choices=_DTYPES, default="float16", help="dtype of the stored deltas"
+    )
+    compress.add_argument("-o", "--output", required=True, help="patch file to write")
+    compress.add_argument("--json", dest="json_out", help="write the report as JSON here")
+    compress.set_defaults(func=compress_command)
     return commands
 
 
@@ -42,6 +58,11 @@ def ranks(patch: Patch) -> dict[str, int]:
             for name, t in sorted(patch.tensors.items())
             if name.endswith(".lora_A.weight")
         }
+    if mode == "lowrank":
+        from patches.lowrank import split_lowrank
+
+        factors, _ = split_lowrank(patch.tensors)
+        return {name.removesuffix(".weight"): f.rank for name, f in sorted(factors.items())}
     if mode != "delta":
         return {}
     from patches.lowrank import factor_exactly
@@ -95,8 +116,10 @@ def _print_summary(info: dict[str, Any]) -> None:
     print()
     name_width = max(len(t["name"]) for t in info["tensors"])
     for t in info["tensors"]:
-        layer = t["name"].removesuffix(".lora_A.weight").removesuffix(".weight")
-        rank = info["ranks"].get(layer) if not t["name"].endswith(".lora_B.weight") else None
+        name = t["name"].removesuffix(".lowrank_A")
+        layer = name.removesuffix(".lora_A.weight").removesuffix(".weight")
+        second = t["name"].endswith((".lora_B.weight", ".lowrank_B"))
+        rank = info["ranks"].get(layer) if not second else None
         shown = f"  rank {rank}" if rank is not None else ""
         print(f"  {t['name']:<{name_width}}  {t['dtype']:<9} {t['shape']}{shown}")
 
@@ -129,4 +152,27 @@ def verify_command(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     else:
         print(f"ok: patch {patch.id[:12]} fits {args.model} ({result['component']}, {args.dtype})")
+    return 0
+
+
+def compress_command(args: argparse.Namespace) -> int:
+    from patches.atomic import atomic_write_json
+    from patches.compress import compress_patch
+    from patches.loading import load_pipeline
+
+    patch = Patch.load(args.file)
+    if args.rank < 1:
+        raise SystemExit(f"--rank must be >= 1, not {args.rank}")
+    pipe = load_pipeline(args.model)
+    compressed, report = compress_patch(patch, pipe, args.rank, args.store_dtype)
+    patch_id = compressed.save(args.output)
+    print(
+        f"wrote {args.output}  {report.bytes / 2**20:.2f} MiB "
+        f"(was {report.source_bytes / 2**20:.2f} MiB)  id {patch_id[:16]}\n"
+        f"  {len(report.ranks)} matrices at rank <= {args.rank} in {args.store_dtype}, "
+        f"largest relative error {report.max_error:.4f}; measure it again "
+        "before it replaces the original"
+    )
+    if args.json_out:
+        atomic_write_json(args.json_out, {"id": patch_id, **report.to_json()})
     return 0

@@ -71,7 +71,7 @@ def compose_weight_stack(
                 )
             originals = base[component] if base else base_parameters(pipe, component)
             current = values.setdefault(component, {})
-            for name, tensor in patch.tensors.items():
+            for name, tensor in patch.weight_edits().items():
                 before = current.get(name, originals[name])
                 current[name] = combined_value(before, tensor, patch.manifest.mode)
                 editors.setdefault(component, {}).setdefault(name, []).append(patch.id)

@@ -92,7 +92,7 @@ def check_servable(patch: Patch, model: Any, label: str) -> None:
     from patches.signature import signature_of
 
     layers = signature_of(model, patch.manifest.target.component).layers
-    for name in patch.tensors:
+    for name in patch.edit_shapes():
         path, _, leaf = name.rpartition(".")
         if leaf != "weight" or path not in layers:
             raise UnsupportedPatchKind(
