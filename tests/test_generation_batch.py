@@ -99,3 +99,21 @@ def test_the_served_stack_equals_patch_apply(api, tiny_sd):
         patch.remove(tiny_sd)
     difference = np.abs(served.astype(int) - np.asarray(expected).astype(int))
     assert difference.max() <= 1, difference.max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("channels", [3, 1])
+def test_device_rounding_equals_diffusers_pil_output(tiny_sd, dtype, channels):
+    from server.generation import pil_images
+
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(3, channels, 8, 8, generator=g)
+    # Values whose x255 lands exactly on .5 (round half to even) and the ends of the range.
+    image[0, 0, 0, :4] = torch.tensor([0.5 / 255, 1.5 / 255, 254.5 / 255, 1.0])
+    image[0, 0, 1, :2] = torch.tensor([0.0, 127.5 / 255])
+    image = image.to(dtype)
+    ours = pil_images(image)
+    theirs = tiny_sd.image_processor.numpy_to_pil(tiny_sd.image_processor.pt_to_numpy(image))
+    assert [im.mode for im in ours] == [im.mode for im in theirs]
+    for a, b in zip(ours, theirs, strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
