@@ -77,23 +77,12 @@ def _plan(args: argparse.Namespace, out: Path) -> list[tuple[str, list[str]]]:
         sd15 = ["--sd15-shaped", str(out / "sd15")]
         hirm = ["--device", args.device, "--repeats", "3"]
     rounds = ["--rounds", "1" if args.tiny else "2"]
+    throughput = ["serve-throughput", *model, *device, *load, *rounds, "--plain"]
     return [
         # mixed-stacks first: it builds the SD-1.5-shaped folder serve-throughput then serves.
         ("mixed_stacks", ["mixed-stacks", *(sd15 or model), *device, *load, *rounds]),
-        ("serve_throughput", ["serve-throughput", *model, *device, *load, *rounds, "--plain"]),
-        (
-            "serve_throughput_compiled",
-            [
-                "serve-throughput",
-                *model,
-                *device,
-                *load,
-                *rounds,
-                "--plain",
-                "--compile",
-                "default",
-            ],
-        ),
+        ("serve_throughput", throughput),
+        ("serve_throughput_compiled", [*throughput, "--compile", "default"]),
         ("hirm_cost", ["hirm-cost", *hirm]),
     ]
 
