@@ -62,7 +62,6 @@ class Patch:
     tensors: dict[str, torch.Tensor]
     _bytes: bytes | None = field(default=None, repr=False, compare=False)
     _id: str | None = field(default=None, repr=False, compare=False)
-    _dense: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     # --- making ---------------------------------------------------------------------
 
@@ -187,15 +186,14 @@ class Patch:
     def weight_edits(self) -> dict[str, torch.Tensor]:
         """Parameter name -> the edit of a text_encoder / unet_weights patch, as its mode
         combines it with the base (`kinds.combined_value`): a lowrank patch's factors
-        multiplied out in float32 (kept: stacks ask again). Sized by `verify` first."""
+        multiplied out in float32, each time (not kept: that would hold the dense bytes the
+        factors save for as long as the patch is cached)."""
         if self.manifest.mode != "lowrank":
             return self.tensors
-        if self._dense is None:
-            factors, dense = split_lowrank(self.tensors)
-            edits = {name: t.float() for name, t in dense.items()}
-            edits.update((name, f.dense()) for name, f in factors.items())
-            self._dense = edits
-        return self._dense
+        factors, dense = split_lowrank(self.tensors)
+        edits = {name: t.float() for name, t in dense.items()}
+        edits.update((name, f.dense()) for name, f in factors.items())
+        return edits
 
     def verify(self, target: Any) -> None:
         """Check this patch fits `target` (a pipeline, or its ModelSignature): component,
