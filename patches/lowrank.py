@@ -42,21 +42,31 @@ class LowRank:
         return flat.reshape(self.b.shape[0], *self.a.shape[1:])
 
 
+def _svd(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U, S, V^T of a Linear / Conv2d delta, the kernel flattened into the input dimension."""
+    return torch.linalg.svd(
+        delta.detach().reshape(delta.shape[0], -1).double(), full_matrices=False
+    )
+
+
+def _factors(delta: torch.Tensor, u, s, vh, keep: int) -> LowRank:
+    """delta's leading `keep` singular directions as (U S^1/2)(S^1/2 V^T)."""
+    root = s[:keep].sqrt()
+    b = (u[:, :keep] * root).float()
+    a = (root[:, None] * vh[:keep]).float().reshape(keep, *delta.shape[1:])
+    return LowRank(a.contiguous(), b.contiguous())
+
+
 def factor_exactly(delta: torch.Tensor, max_rank: int | None = None, label: str = "") -> LowRank:
     """Exact low-rank factors of a Linear ([out, in]) or Conv2d ([out, in, kh, kw]) delta."""
-    out = delta.shape[0]
-    flat = delta.detach().reshape(out, -1).double()
-    u, s, vh = torch.linalg.svd(flat, full_matrices=False)
+    u, s, vh = _svd(delta)
     keep = int((s > RELATIVE_RANK_TOLERANCE * s[0]).sum()) if s.numel() and s[0] > 0 else 0
     if max_rank is not None and keep > max_rank:
         raise WrongTarget(
             f"the edit of {label or 'a layer'} has rank {keep}; per-row serving takes at most "
             f"{max_rank} (make the edit low-rank, e.g. fewer edited token vectors)"
         )
-    root = s[:keep].sqrt()
-    b = (u[:, :keep] * root).float()
-    a = (root[:, None] * vh[:keep]).float().reshape(keep, *delta.shape[1:])
-    return LowRank(a.contiguous(), b.contiguous())
+    return _factors(delta, u, s, vh, keep)
 
 
 def concatenate(parts: Sequence[LowRank]) -> LowRank:
@@ -128,13 +138,8 @@ def lowrank_shape(factors: LowRank) -> tuple[int, ...]:
 def truncate(delta: torch.Tensor, rank: int) -> tuple[LowRank, float]:
     """The best rank-`rank` factors of a Linear / Conv2d delta (a truncated SVD) and their
     relative error ||delta - B A||_F / ||delta||_F."""
-    out = delta.shape[0]
-    flat = delta.detach().reshape(out, -1).double()
-    u, s, vh = torch.linalg.svd(flat, full_matrices=False)
+    u, s, vh = _svd(delta)
     keep = max(1, min(rank, s.numel()))
     total = float(s.square().sum())
     error = float(s[keep:].square().sum() / total) ** 0.5 if total > 0 else 0.0
-    root = s[:keep].sqrt()
-    b = (u[:, :keep] * root).float().contiguous()
-    a = (root[:, None] * vh[:keep]).float().reshape(keep, *delta.shape[1:]).contiguous()
-    return LowRank(a, b), error
+    return _factors(delta, u, s, vh, keep), error
