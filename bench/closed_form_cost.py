@@ -39,7 +39,7 @@ def sd15_pipeline(seed: int = 0):
     return pipe
 
 
-def _run(pipe, method: str, device: str):
+def _run(pipe, method: str, device: str, blocks: tuple[int, ...] | None = None):
     from erasure.default_prompts import general_prompts
     from erasure.erasepro import EraseProConfig, erase_erasepro
     from erasure.prompts import ConceptSpec
@@ -51,6 +51,8 @@ def _run(pipe, method: str, device: str):
         result = erase_uce(pipe, UceConfig(concept, **settings))
         return result, [result.patch]
     chain = method.removeprefix("erasepro-")
+    if blocks:
+        settings["blocks"] = blocks
     result = erase_erasepro(pipe, EraseProConfig(concept, chain=chain, **settings))
     return result, result.patches
 
@@ -62,11 +64,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--methods", default="uce,erasepro-text,erasepro-unet", help="comma-separated"
     )
+    parser.add_argument(
+        "--tiny", action="store_true", help="a tiny SD pipeline instead (a smoke run: gpu-suite)"
+    )
     parser.add_argument("--json", dest="json_out")
     args = parser.parse_args(argv)
-    pipe = sd15_pipeline().to(args.device)
+    if args.tiny:
+        from bench.tiny_pipelines import BUILDERS
+
+        pipe, model = BUILDERS["sd"](0), "tiny SD pipeline, random weights (a smoke run)"
+    else:
+        pipe = sd15_pipeline()
+        model = "SD-1.5-shaped: CLIP-L text configuration, SD 1.5 U-Net, random weights"
+    pipe = pipe.to(args.device)
     summary = {
-        "model": "SD-1.5-shaped: CLIP-L text configuration, SD 1.5 U-Net, random weights",
+        "model": model,
         "device": args.device,
         "device_name": torch.cuda.get_device_name(0)
         if args.device.startswith("cuda")
@@ -77,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     for method in args.methods.split(","):
         seconds, cpu, memory = [], [], []
         for repeat in range(args.repeats + 1):  # the first run warms up kernels and allocators
-            result, made = _run(pipe, method, args.device)
+            result, made = _run(pipe, method, args.device, (0, 1) if args.tiny else None)
             if repeat:
                 seconds.append(result.seconds)
                 cpu.append(result.cpu_seconds)
@@ -94,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         ranks = [row.get("rank", row["constraints"]) for row in result.layers]
         print(
-            f"{method} on an SD-1.5-shaped model ({args.device}): median "
+            f"{method} on the {'tiny' if args.tiny else 'SD-1.5-shaped'} model "
+            f"({args.device}): median "
             f"{statistics.median(seconds):.2f} s over {len(seconds)} runs "
             f"({', '.join(f'{s:.2f}' for s in seconds)}; CPU time "
             f"{', '.join(f'{s:.2f}' for s in cpu)}), peak memory "

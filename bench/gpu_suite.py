@@ -8,7 +8,8 @@ installing the carried wheels) it builds an SD-1.5-shaped pipeline with random w
 - mixed-stacks: 16 tenants' distinct U-Net LoRAs (and the mixed and DuMo phases) against one;
 - serve-throughput --compile default --plain: the same with the server's compiled path
   (serve --compile) against the stock pipeline with its U-Net and VAE decoder compiled;
-- hirm-cost: one HiRM patch on a CLIP-L-sized encoder.
+- hirm-cost: one HiRM patch on a CLIP-L-sized encoder, and its compressed bytes;
+- closed-form-cost: one UCE and one ErasePro (text chain) patch on the SD-1.5-shaped model.
 It then checks the figures against the goals (issues 12 and 18) and writes one JSON
 (figures, goals, pass/fail) plus each benchmark's own JSON and log under --out.
 
@@ -69,6 +70,7 @@ def _plan(args: argparse.Namespace, out: Path) -> list[tuple[str, list[str]]]:
         model: list[str] = []
         sd15: list[str] = []
         hirm = ["--device", "cpu", "--repeats", "1", "--steps", "1", "--layers", "2"]
+        closed_form = ["--device", "cpu", "--tiny"]
     else:
         device = ["--device", args.device, "--dtype", args.dtype]
         load = ["--steps", str(args.steps), "--batch", str(args.batch), "--workers", "1"]
@@ -76,6 +78,7 @@ def _plan(args: argparse.Namespace, out: Path) -> list[tuple[str, list[str]]]:
         model = ["--model", str(out / "sd15")]
         sd15 = ["--sd15-shaped", str(out / "sd15")]
         hirm = ["--device", args.device, "--repeats", "3"]
+        closed_form = ["--device", args.device]
     rounds = ["--rounds", "1" if args.tiny else "2"]
     throughput = ["serve-throughput", *model, *device, *load, *rounds, "--plain"]
     return [
@@ -84,6 +87,11 @@ def _plan(args: argparse.Namespace, out: Path) -> list[tuple[str, list[str]]]:
         ("serve_throughput", throughput),
         ("serve_throughput_compiled", [*throughput, "--compile", "default"]),
         ("hirm_cost", ["hirm-cost", *hirm]),
+        # The published closed-form figures (issue 13): UCE 3.48 s, ErasePro 15.71 s.
+        (
+            "closed_form_cost",
+            ["closed-form-cost", *closed_form, "--repeats", "1", "--methods", "uce,erasepro-text"],
+        ),
     ]
 
 
@@ -93,6 +101,7 @@ def _figures(out: Path) -> dict[str, float | None]:
         return json.loads(path.read_text()) if path.exists() else {}
 
     throughput, mixed, hirm = read("serve_throughput"), read("mixed_stacks"), read("hirm_cost")
+    closed_form = read("closed_form_cost").get("methods", {})
     compiled = read("serve_throughput_compiled")
     plain = throughput.get("plain_diffusers_images_per_s")
     plain_compiled = compiled.get("plain_diffusers_images_per_s")
@@ -113,6 +122,8 @@ def _figures(out: Path) -> dict[str, float | None]:
         "ratio_b_over_a": mixed.get("ratio_b_over_a"),
         "ratio_c_over_a": mixed.get("ratio_c_over_a"),
         "hirm_seconds": hirm.get("seconds_median"),
+        "uce_seconds": closed_form.get("uce", {}).get("seconds_median"),
+        "erasepro_seconds": closed_form.get("erasepro-text", {}).get("seconds_median"),
         "hirm_compressed_mb": (
             round(hirm["compressed_patch_bytes"] / 1e6, 3)
             if "compressed_patch_bytes" in hirm

@@ -19,6 +19,7 @@ def test_the_gpu_suite_runs_on_the_cpu_with_a_tiny_configuration(tmp_path):
         "serve_throughput": 0,
         "serve_throughput_compiled": 0,
         "hirm_cost": 0,
+        "closed_form_cost": 0,
     }
     # The compiled run served through `serve --compile` (traced with dynamo's eager backend).
     compiled = json.loads((out / "serve_throughput_compiled.json").read_text())
@@ -27,7 +28,8 @@ def test_the_gpu_suite_runs_on_the_cpu_with_a_tiny_configuration(tmp_path):
     for name in ("plain_diffusers_images_per_s", "server_16_tenants_images_per_s",
                  "ratio_16_over_1", "ratio_b_over_a", "hirm_seconds",
                  "plain_compiled_images_per_s", "server_compiled_16_tenants_images_per_s",
-                 "server_over_plain_compiled", "hirm_compressed_mb"):  # fmt: skip
+                 "server_over_plain_compiled", "hirm_compressed_mb",
+                 "uce_seconds", "erasepro_seconds"):  # fmt: skip
         assert figures[name] is not None and figures[name] > 0, name
     assert len(result["checks"]) == 6 and all(c["met"] is not None for c in result["checks"])
     assert "these figures mean nothing" in proc.stdout
