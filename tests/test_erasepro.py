@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
-from conftest import run_conceptguard
+from conftest import generate, run_conceptguard
 
 from erasure.closed_form import Gram, uce, zero_residual
 from erasure.cross_attention import kv_layers, solve_end_point, text_tokens
@@ -161,6 +162,27 @@ def test_unet_chain_is_exact_low_rank_factors_per_layer(family, request):
         dense = lora_as_lowrank(a, b).dense()
         torch.testing.assert_close(dense, delta, rtol=0, atol=1e-5 * float(delta.abs().max()))
     patch.verify(pipe)
+
+
+def test_unet_chain_patch_loads_in_stock_diffusers_with_the_same_image(tiny_sd, tmp_path):
+    config = EraseProConfig(CAT, templates=TEMPLATES, retain_prompts=RETAIN, chain="unet")
+    (made,) = erase_erasepro(tiny_sd, config).patches
+    path = tmp_path / "erasepro.safetensors"
+    made.save(path)
+    patch = Patch.load(path)
+    base = generate(tiny_sd, "a cat")
+    patch.apply(tiny_sd)
+    try:
+        ours = generate(tiny_sd, "a cat")
+    finally:
+        patch.remove(tiny_sd)
+    tiny_sd.load_lora_weights(str(path))
+    try:
+        stock = generate(tiny_sd, "a cat")
+    finally:
+        tiny_sd.unload_lora_weights()
+    assert np.abs(ours - base).max() > 1e-3  # the edit does something
+    assert np.abs(stock - ours).max() <= 1e-5
 
 
 def test_flux_chain_recaptures_inputs_through_edited_blocks(models_dir):
