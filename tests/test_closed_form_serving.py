@@ -4,21 +4,14 @@ offline with `Patch.apply`, in one denoiser call per step."""
 
 from __future__ import annotations
 
-import time
-
-import numpy as np
 import pytest
-import torch
+from served_batch import assert_served_as_offline, offline_image, serve_one_batch
 
 from erasure.erasepro import EraseProConfig, erase_erasepro
 from erasure.esd import EsdConfig, erase_esd
 from erasure.hirm import HirmConfig, erase_hirm
 from erasure.prompts import ConceptSpec
 from erasure.uce import UceConfig, erase_uce
-from patches.registry import open_registry
-from server.config import ServerConfig
-from server.generation_api import GenerationAPI, ModelSettings
-from server.schemas import ImageGenerationRequest, WorkItem
 
 PROMPT = "a red cat"
 CAT = ConceptSpec("cat", (), "dog")
@@ -47,47 +40,10 @@ def stacks(tiny_sd):
     }
 
 
-def _offline(pipe, stack, seed: int) -> np.ndarray:
-    for patch in stack:
-        patch.apply(pipe)
-    try:
-        pipe.set_progress_bar_config(disable=True)
-        image = pipe(
-            PROMPT,
-            num_inference_steps=3,
-            guidance_scale=4.0,
-            generator=torch.Generator().manual_seed(seed),
-        ).images[0]
-    finally:
-        for patch in reversed(stack):
-            patch.remove(pipe)
-    return np.asarray(image).astype(int)
-
-
 def test_one_batch_mixing_closed_form_hirm_and_esd_tenants(
     tmp_path, tiny_sd, sd_model_path, stacks
 ):
-    expected = {t: _offline(tiny_sd, stack, 1) for t, stack in stacks.items()}
+    expected = {(t, 1): offline_image(tiny_sd, stack, PROMPT, 1) for t, stack in stacks.items()}
     assert len({image.tobytes() for image in expected.values()}) == len(stacks)
-    registry = open_registry(tmp_path / "registry")
-    for tenant, stack in stacks.items():
-        registry.set_tenant(tenant, [registry.put_patch(p.to_bytes()).id for p in stack])
-    threads = torch.get_num_threads()
-    worker = GenerationAPI(
-        ModelSettings(str(sd_model_path)), ServerConfig(), str(tmp_path / "registry")
-    )
-    worker.setup("cpu")
-    try:
-        items = [
-            WorkItem(t, t, ImageGenerationRequest(prompt=PROMPT, seed=1, steps=3), 1, time.time())
-            for t in stacks
-        ]
-        answers = worker.predict(items)
-        for item, answer in zip(items, answers, strict=True):
-            assert answer["status"] == 200, answer
-            got = np.asarray(answer["images"][0]).astype(int)
-            assert np.abs(got - expected[item.tenant]).max() <= 1, item.tenant
-            assert answer["record"].patches == [p.id for p in stacks[item.tenant]]
-        assert {a["record"].denoiser_calls for a in answers} == {3}
-    finally:
-        torch.set_num_threads(threads)
+    answers = serve_one_batch(tmp_path, sd_model_path, stacks, PROMPT)
+    assert_served_as_offline(answers, expected, stacks)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from conftest import generate, run_conceptguard
+from conftest import run_conceptguard
+from served_batch import assert_stock_diffusers_matches
 
 from erasure.closed_form import Gram, uce, zero_residual
 from erasure.cross_attention import kv_layers, solve_end_point, text_tokens
@@ -169,20 +169,7 @@ def test_unet_chain_patch_loads_in_stock_diffusers_with_the_same_image(tiny_sd, 
     (made,) = erase_erasepro(tiny_sd, config).patches
     path = tmp_path / "erasepro.safetensors"
     made.save(path)
-    patch = Patch.load(path)
-    base = generate(tiny_sd, "a cat")
-    patch.apply(tiny_sd)
-    try:
-        ours = generate(tiny_sd, "a cat")
-    finally:
-        patch.remove(tiny_sd)
-    tiny_sd.load_lora_weights(str(path))
-    try:
-        stock = generate(tiny_sd, "a cat")
-    finally:
-        tiny_sd.unload_lora_weights()
-    assert np.abs(ours - base).max() > 1e-3  # the edit does something
-    assert np.abs(stock - ours).max() <= 1e-5
+    assert_stock_diffusers_matches(tiny_sd, path, "a cat")
 
 
 def test_flux_chain_recaptures_inputs_through_edited_blocks(models_dir):

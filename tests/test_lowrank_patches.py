@@ -4,21 +4,16 @@ when the edit is low-rank, refused when malformed, served per row like any weigh
 from __future__ import annotations
 
 import json
-import time
 
-import numpy as np
 import pytest
 import torch
 from conftest import run_conceptguard, text_encoder_patch
+from served_batch import assert_served_as_offline, offline_image, serve_one_batch
 
 from patches.compress import compress_patch
 from patches.errors import BadTensorEntry, BaseFingerprintMismatch, InvalidManifest, ShapeMismatch
 from patches.patch import Patch
-from patches.registry import open_registry
 from patches.targets import block_parameter_names
-from server.config import ServerConfig
-from server.generation_api import GenerationAPI, ModelSettings
-from server.schemas import ImageGenerationRequest, WorkItem
 
 PROMPT = "a red circle"
 
@@ -172,52 +167,16 @@ def test_malformed_factors_are_refused(tiny_sd):
         )
 
 
-def _offline(pipe, stack: list[Patch], seed: int) -> np.ndarray:
-    for patch in stack:
-        patch.apply(pipe)
-    try:
-        pipe.set_progress_bar_config(disable=True)
-        image = pipe(
-            PROMPT,
-            num_inference_steps=3,
-            guidance_scale=4.0,  # the server's default
-            generator=torch.Generator().manual_seed(seed),
-        ).images[0]
-    finally:
-        for patch in reversed(stack):
-            patch.remove(pipe)
-    return np.asarray(image).astype(int)
-
-
 def test_lowrank_patches_are_served_per_row_like_their_offline_apply(
     tmp_path, tiny_sd, sd_model_path
 ):
     text, _ = compress_patch(text_encoder_patch(tiny_sd, seed=6), tiny_sd, 3, "float16")
     unet, _ = compress_patch(_unet_low_rank_patch(tiny_sd), tiny_sd, 2, "float16")
     stacks = {"text": [text], "unet": [unet], "both": [text, unet], "none": []}
-    expected = {t: _offline(tiny_sd, stack, 1) for t, stack in stacks.items()}
+    expected = {(t, 1): offline_image(tiny_sd, stack, PROMPT, 1) for t, stack in stacks.items()}
     assert len({image.tobytes() for image in expected.values()}) == len(stacks)
-    registry = open_registry(tmp_path / "registry")
-    for tenant, stack in stacks.items():
-        registry.set_tenant(tenant, [registry.put_patch(p.to_bytes()).id for p in stack])
-    threads = torch.get_num_threads()
-    worker = GenerationAPI(
-        ModelSettings(str(sd_model_path)), ServerConfig(), str(tmp_path / "registry")
-    )
-    worker.setup("cpu")
-    try:
-        items = [
-            WorkItem(t, t, ImageGenerationRequest(prompt=PROMPT, seed=1, steps=3), 1, time.time())
-            for t in stacks
-        ]
-        answers = worker.predict(items)
-        for item, answer in zip(items, answers, strict=True):
-            assert answer["status"] == 200, answer
-            got = np.asarray(answer["images"][0]).astype(int)
-            assert np.abs(got - expected[item.tenant]).max() <= 1, item.tenant
-        assert {a["record"].denoiser_calls for a in answers} == {3}
-    finally:
-        torch.set_num_threads(threads)
+    answers = serve_one_batch(tmp_path, sd_model_path, stacks, PROMPT)
+    assert_served_as_offline(answers, expected, stacks)
 
 
 def test_cli_compress_and_inspect(tmp_path, tiny_sd, sd_model_path):

@@ -3,10 +3,10 @@ Flux, its patch (exact factors, stock diffusers loading) and the CLI."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from conftest import generate, run_conceptguard
+from conftest import run_conceptguard
+from served_batch import assert_stock_diffusers_matches
 
 from erasure.cross_attention import MAX_RANK, kv_layers, lora_patch
 from erasure.prompts import ConceptSpec
@@ -84,20 +84,7 @@ def test_the_patch_loads_in_stock_diffusers_with_the_same_image(tiny_sd, tmp_pat
     result = erase_uce(tiny_sd, UceConfig(CAT, templates=TEMPLATES, retain_prompts=RETAIN))
     path = tmp_path / "uce.safetensors"
     result.patch.save(path)
-    patch = Patch.load(path)
-    base = generate(tiny_sd, "a cat")
-    patch.apply(tiny_sd)
-    try:
-        ours = generate(tiny_sd, "a cat")
-    finally:
-        patch.remove(tiny_sd)
-    tiny_sd.load_lora_weights(str(path))
-    try:
-        stock = generate(tiny_sd, "a cat")
-    finally:
-        tiny_sd.unload_lora_weights()
-    assert np.abs(ours - base).max() > 1e-3  # the edit does something
-    assert np.abs(stock - ours).max() <= 1e-5
+    assert_stock_diffusers_matches(tiny_sd, path, "a cat")
 
 
 def test_cli_with_the_issues_flags(tmp_path, sd_model_path):

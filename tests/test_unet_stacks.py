@@ -7,22 +7,17 @@ seed): no cross-talk between tenants whose rows share a worker or a batch.
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import torch
+from served_batch import assert_served_as_offline, offline_image, register, serve_one_batch
 from tenant_server import images_of, start_tenant_server
 
 from erasure.dumo import DumoConfig, erase_dumo
 from erasure.esd import EsdConfig, erase_esd
 from erasure.hirm import HirmConfig, erase_hirm
 from erasure.prompts import ConceptSpec
-from patches.registry import open_registry
-from server.config import ServerConfig
-from server.generation_api import GenerationAPI, ModelSettings
-from server.schemas import ImageGenerationRequest, WorkItem
 
 PROMPT = "a red cat"
 TENANTS = "abcd"
@@ -55,71 +50,24 @@ def patches(tiny_sd):
     return {"a": [hirm], "b": [esd], "c": [hirm, esd, dumo], "d": []}
 
 
-def _register(registry_root, patches) -> None:
-    registry = open_registry(registry_root)
-    for tenant, stack in patches.items():
-        ids = [registry.put_patch(p.to_bytes()).id for p in stack]
-        registry.set_tenant(tenant, ids)
-
-
-def _offline(pipe, stack, seed: int) -> np.ndarray:
-    for patch in stack:
-        patch.apply(pipe)
-    try:
-        pipe.set_progress_bar_config(disable=True)
-        image = pipe(
-            PROMPT,
-            num_inference_steps=3,
-            guidance_scale=4.0,
-            generator=torch.Generator().manual_seed(seed),
-        ).images[0]
-    finally:
-        for patch in reversed(stack):
-            patch.remove(pipe)
-    return np.asarray(image).astype(int)
-
-
 @pytest.fixture(scope="module")
 def expected(tiny_sd, patches):
-    images = {(t, s): _offline(tiny_sd, patches[t], s) for t in TENANTS for s in (1, 2)}
+    images = {
+        (t, s): offline_image(tiny_sd, patches[t], PROMPT, s) for t in TENANTS for s in (1, 2)
+    }
     # The four stacks really differ for this prompt, so equality below means something.
     assert len({images[(t, 1)].tobytes() for t in TENANTS}) == 4
     return images
 
 
 def test_one_batch_mixing_four_stacks(tmp_path, sd_model_path, patches, expected):
-    _register(tmp_path / "registry", patches)
-    threads = torch.get_num_threads()
-    worker = GenerationAPI(
-        ModelSettings(str(sd_model_path)), ServerConfig(), str(tmp_path / "registry")
-    )
-    worker.setup("cpu")
-    try:
-        items = [
-            WorkItem(
-                f"{t}-{s}",
-                t,
-                ImageGenerationRequest(prompt=PROMPT, seed=s, steps=3),
-                s,
-                time.time(),
-            )
-            for s in (1, 2)
-            for t in TENANTS
-        ]
-        answers = worker.predict(items)
-        for it, answer in zip(items, answers, strict=True):
-            assert answer["status"] == 200, answer
-            got = np.asarray(answer["images"][0]).astype(int)
-            assert np.abs(got - expected[(it.tenant, it.seed)]).max() <= 1, it.tenant
-            assert answer["record"].patches == [p.id for p in patches[it.tenant]]
-        # Four stacks, one shared denoiser call per diffusion step (3 steps).
-        assert {a["record"].denoiser_calls for a in answers} == {3}
-    finally:
-        torch.set_num_threads(threads)
+    # Four stacks at two seeds in one batch: one shared denoiser call per step (3 steps).
+    answers = serve_one_batch(tmp_path, sd_model_path, patches, PROMPT, seeds=(1, 2))
+    assert_served_as_offline(answers, expected, patches)
 
 
 def test_two_workers_under_concurrent_traffic(tmp_path, sd_model_path, patches, expected):
-    _register(tmp_path / "registry", patches)
+    register(tmp_path / "registry", patches)
     server = start_tenant_server(tmp_path, sd_model_path, workers=2)
     try:
         jobs = [(t, s) for _ in range(3) for t in TENANTS for s in (1, 2)]
