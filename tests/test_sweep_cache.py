@@ -35,3 +35,20 @@ def test_the_fingerprint_covers_the_methods_and_their_settings():
     assert len(sweep_methods.code_fingerprint()) == 64
     assert "erasure" in sweep_methods._MAKING_CODE
     assert "bench/minicanvas/erasure_settings.py" in sweep_methods._MAKING_CODE
+
+
+def test_a_dumo_stack_is_each_concepts_own_cached_eraser(tiny_sd, tmp_path, monkeypatch):
+    made_for = []
+
+    def build(pipe, variant, concepts, options, cache):
+        made_for.append(tuple(concepts))
+        return Made([text_encoder_patch(pipe, seed=len(made_for))], 2.0, {"for": concepts})
+
+    monkeypatch.setitem(sweep_methods.METHODS, "dumo", SweepMethod("dumo", "full", build))
+    options = SweepOptions()
+    alone = make_patches(tiny_sd, "dumo", "full", ["circle"], options, tmp_path)
+    stack = make_patches(tiny_sd, "dumo-stack", "full", ["circle", "square"], options, tmp_path)
+    # circle's eraser is the cached one; only square's is made; one patch per concept.
+    assert made_for == [("circle",), ("square",)]
+    assert stack.patches[0].id == alone.patches[0].id and len(stack.patches) == 2
+    assert stack.seconds == 4.0 and set(stack.report) == {"circle", "square"}

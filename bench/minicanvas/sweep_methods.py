@@ -188,6 +188,25 @@ def _dumo(pipe: Any, variant: str, concepts: list[str], options: SweepOptions, c
 register(SweepMethod("dumo", "full, no-tlmo, no-gate, no-prior (ablations)", _dumo))
 
 
+def _dumo_stack(pipe: Any, variant: str, concepts: list[str], options: SweepOptions, cache) -> Made:
+    """One DuMo eraser per concept, stacked: the paper's multi-concept mode (the modules'
+    residuals sum), each eraser the one the dumo row makes for its concept alone."""
+    parts = [make_patches(pipe, "dumo", variant, [c], options, cache) for c in concepts]
+    return Made(
+        [p for part in parts for p in part.patches],
+        sum(part.seconds for part in parts),
+        {c: part.report for c, part in zip(concepts, parts, strict=True)},
+    )
+
+
+register(
+    SweepMethod(
+        "dumo-stack", "as dumo: one eraser per concept, stacked (with --multi)", _dumo_stack,
+        composite=True,
+    )
+)  # fmt: skip
+
+
 def _hirm_hardened(
     pipe: Any, variant: str, concepts: list[str], options: SweepOptions, cache
 ) -> Made:
