@@ -18,11 +18,10 @@ from typing import Any
 import torch
 
 from patches.errors import WrongTarget
+from patches.loading import DTYPES
 from patches.lowrank import LOWRANK_A, LOWRANK_B, truncate
 from patches.patch import Patch
 from patches.stacks import WEIGHT_KINDS, base_parameters
-
-STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass
@@ -56,7 +55,7 @@ def compress_patch(
         raise WrongTarget(f"only {' and '.join(WEIGHT_KINDS)} patches compress; this is {kind}")
     if rank < 1:
         raise ValueError(f"--rank must be >= 1, not {rank}")
-    store = STORE_DTYPES[dtype]
+    store = DTYPES[dtype]
     patch.verify(pipe)
     base = base_parameters(pipe, component)
     mode = patch.manifest.mode

@@ -36,10 +36,15 @@ class LowRank:
     def rank(self) -> int:
         return self.a.shape[0]
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the weight the factors edit (known without multiplying them)."""
+        return (self.b.shape[0], *self.a.shape[1:])
+
     def dense(self) -> torch.Tensor:
         """The delta as a weight-shaped tensor (for checks and offline application)."""
         flat = self.b.reshape(self.b.shape[0], -1).float() @ self.a.reshape(self.rank, -1).float()
-        return flat.reshape(self.b.shape[0], *self.a.shape[1:])
+        return flat.reshape(self.shape)
 
 
 def _svd(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -128,11 +133,6 @@ def split_lowrank(
             raise BadTensorEntry(f"'{name}': the factors stand for more than 2^27 values")
         factors[name] = LowRank(a, b)
     return factors, dense
-
-
-def lowrank_shape(factors: LowRank) -> tuple[int, ...]:
-    """The shape of the parameter a factor pair edits (without multiplying it out)."""
-    return (factors.b.shape[0], *factors.a.shape[1:])
 
 
 def truncate(delta: torch.Tensor, rank: int) -> tuple[LowRank, float]:

@@ -25,7 +25,7 @@ from patches.errors import (
     StackOrderError,
     WrongTarget,
 )
-from patches.lowrank import lowrank_shape, split_lowrank
+from patches.lowrank import split_lowrank
 from patches.manifest import FORMAT_VERSION, METADATA_KEY, Manifest, Target, now_utc
 from patches.patch_file import DEFAULT_LIMITS, FileLimits, decode_patch_bytes
 from patches.targets import (
@@ -180,7 +180,7 @@ class Patch:
             return {name: tuple(t.shape) for name, t in self.tensors.items()}
         factors, dense = split_lowrank(self.tensors)
         shapes = {name: tuple(t.shape) for name, t in dense.items()}
-        shapes.update((name, lowrank_shape(f)) for name, f in factors.items())
+        shapes.update((name, f.shape) for name, f in factors.items())
         return shapes
 
     def weight_edits(self) -> dict[str, torch.Tensor]:

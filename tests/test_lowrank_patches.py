@@ -85,13 +85,16 @@ def test_compressing_a_low_rank_edit_is_exact(tiny_sd, component):
     assert report.bytes < report.source_bytes
     # The bytes round-trip through the untrusted-file reader.
     loaded = Patch.from_bytes(compressed.to_bytes())
+    module = getattr(tiny_sd, component)
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
     want = _weights_after(tiny_sd, original, component)
     got = _weights_after(tiny_sd, loaded, component)
     worst = max((want[n] - got[n]).abs().max().item() for n in want)
     assert worst < 1e-5
     # The edits really moved the weights, and removal gives the base back exactly.
-    base = {n: p.detach() for n, p in getattr(tiny_sd, component).named_parameters()}
-    assert any(not torch.equal(base[n], got[n]) for n in base)
+    after = {n: p.detach() for n, p in module.named_parameters()}
+    assert any(not torch.equal(before[n], got[n]) for n in before)
+    assert all(torch.equal(before[n], after[n]) for n in before)
     assert set(loaded.edit_shapes()) == set(original.edit_shapes())
 
 
