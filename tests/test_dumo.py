@@ -86,6 +86,17 @@ def test_training_resumes_where_it_stopped(tiny_sd, tmp_path):
         assert torch.equal(tensor, resumed[name]), name
 
 
+def test_anchor_share_draws_states_from_the_anchored_trajectory(tiny_sd):
+    plain = erase_dumo(tiny_sd, _config(steps=2, tlmo_steps=0)).patch
+    anchored = erase_dumo(tiny_sd, _config(steps=2, tlmo_steps=0, anchor_share=1.0)).patch
+    assert anchored.manifest.params["anchor_share"] == 1.0
+    # Same seed, same prompts picked: only where x_t came from differs, and so does the eraser.
+    differs = [n for n, t in plain.tensors.items() if not torch.equal(t, anchored.tensors[n])]
+    assert any(n.startswith("module.skip_outs") for n in differs)
+    with pytest.raises(Exception, match="anchor share"):
+        erase_dumo(tiny_sd, _config(anchor_share=1.5))
+
+
 def test_flux_and_missing_anchors_are_refused(tiny_flux, tiny_sd):
     with pytest.raises(WrongTarget, match="skip connections"):
         erase_dumo(tiny_flux, _config())

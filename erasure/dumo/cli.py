@@ -47,6 +47,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     dumo.add_argument(
         "--no-prior", action="store_true", help="ablation: a randomly initialised eraser"
     )
+    dumo.add_argument(
+        "--anchor-share",
+        type=float,
+        default=DumoConfig.anchor_share,
+        help="share of each batch whose noisy states come from the anchored prompts' "
+        f"trajectory (default {DumoConfig.anchor_share:g})",
+    )
     dumo.add_argument("--sample-steps", type=int, default=DumoConfig.sample_steps)
     add_timestep_arguments(dumo, DumoConfig.t_range)
     dumo.add_argument("--resolution", type=int, help="training image side in pixels")
@@ -80,6 +87,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[DumoConfig, str]:
         lr=args.lr,
         eta=args.eta,
         batch=args.batch,
+        anchor_share=args.anchor_share,
         retain_prompts=prompts.retain,
         retain_weight=args.retain_weight,
         tlmo=not args.no_tlmo,

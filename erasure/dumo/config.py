@@ -41,6 +41,11 @@ class DumoConfig:
     eta: float = 0.0
     retain_prompts: tuple[str, ...] = ()
     retain_weight: float = 10.0
+    # The share of each batch whose x_t comes from the anchored twin's trajectory instead
+    # of the concept's: states on the anchor's own path, where the target keeps the
+    # anchor's texture (from the concept's path alone, pale styles came out flatter than
+    # the anchor's images).
+    anchor_share: float = 0.0
     # Phase 2, TLMO: the table alone, the same loss on held-out prompts (check_prompts for
     # the retain side), so it learns where in time and depth the eraser is needed.
     tlmo: bool = True
@@ -73,6 +78,8 @@ class DumoConfig:
             )
         if not 0 < self.width <= 1:
             raise PromptError(f"--width must be in (0, 1], not {self.width}")
+        if not 0.0 <= self.anchor_share <= 1.0:
+            raise PromptError(f"anchor share must be in [0, 1], not {self.anchor_share}")
         if self.gate_contrast_tokens < 0:
             raise PromptError("gate contrast tokens must be >= 0")
         if min(self.steps, self.batch, self.buckets, self.gate_tokens) < 1 or self.lr <= 0:

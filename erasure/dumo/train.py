@@ -14,7 +14,8 @@ method's description (../shared/docs/METHODS.md):
        L = || eps(x_t, c) - [eps0(x_t, r) - eta (eps0(x_t, c) - eps0(x_t, r))] ||^2
          + w || eps(x_t, q) - eps0(x_t, q) ||^2       (retain prompts q, same x_t)
    x_t comes from the current model's trajectory under the concept's prompt, stopped at a
-   random step (ESD's sampler, erasure/esd/denoisers.py).
+   random step (ESD's sampler, erasure/esd/denoisers.py); with `anchor_share` > 0 that
+   share of each batch comes from its anchored twin's trajectory instead.
 3. TLMO (phase 2): the eraser frozen, the table scale[timestep bucket][output] (from 1)
    learns the same loss with the retain side on held-out prompts, so each output keeps only
    the strength erasure needs at each time.
@@ -237,7 +238,12 @@ class _Trainer:
         c = self.config
         pick = torch.randint(len(self.cond), (c.batch,), generator=self.generator)
         cond = self.cond.take(pick)
-        latents, t = self._sample_xt(cond)
+        anchored = round(c.anchor_share * c.batch)
+        path = cond
+        if anchored:
+            rest = torch.arange(anchored, c.batch)
+            path = self.reference.take(pick[:anchored]).cat(cond.take(rest))
+        latents, t = self._sample_xt(path)
         reference = self._base(latents, t, self.reference.take(pick))
         target = reference - c.eta * (self._base(latents, t, cond) - reference)
         loss = F.mse_loss(self.den.predict(latents, t, cond), target)
@@ -403,6 +409,7 @@ def erase_dumo(pipe: Any, config: DumoConfig) -> DumoResult:
             "lr": config.lr,
             "eta": config.eta,
             "batch": config.batch,
+            "anchor_share": config.anchor_share,
             "tlmo_steps": config.tlmo_steps if config.tlmo else 0,
             "prior": config.prior,
             "retain_prompts": len(config.retain_prompts),
