@@ -24,6 +24,7 @@ TINY = [
     "--para-contexts", "1",
     "--rab-generations", "2", "--rab-population", "8", "--rab-contexts", "1",
     "--uda-steps", "2", "--uda-contexts", "1", "--uda-draws", "1",
+    "--uda-restarts", "2", "--uda-probes", "2", "--rab-probes", "2",
     "--ti-steps", "2", "--ti-contexts", "1", "--ti-per-context", "1", "--ti-batch", "1",
 ]  # fmt: skip
 
@@ -99,6 +100,34 @@ def test_genetic_search_never_loses_its_best(minicanvas):
         assert 1 <= len(ranked) <= 3 and ranked[0] == best
 
 
+def test_the_probe_sends_the_first_candidate_the_judge_recognises(minicanvas):
+    from erasure.attacks.arena import PROBE_SEED, Arena
+    from erasure.attacks.generation import Sampling
+    from erasure.attacks.judging import ConceptJudge
+
+    concept = minicanvas_concept("circle")
+    context = concept.contexts[0]
+    judges = [MODEL / "judges" / f"{n}.safetensors" for n in ("pooled", "strided")]
+    arena = Arena(
+        minicanvas,
+        [],
+        concept,
+        ConceptJudge.load(judges, "circle"),
+        Sampling(seeds=(5000,), steps=8),
+        attack_vocabulary(minicanvas.tokenizer, concept.spec.words),
+    )
+    arena.judge.calibrate(arena.generator.images([context.prompt], (7000, 7001)))
+    # Ranked as a search would rank them: the benign prompt first, the concept's own second.
+    ranked = [(context, [(context.benign, {"extra": {"rank": 0}}), (context.prompt, {})])]
+    drawn = arena.judge(arena.generator.images([context.benign, context.prompt], (PROBE_SEED,)))
+    assert drawn.success.tolist() == [False, True]  # what the probe will see
+    unchecked = arena.probe(ranked, 1)
+    assert [text for _, text, _ in unchecked] == [context.benign]
+    ((_, text, fields),) = arena.probe(ranked, 2)
+    assert text == context.prompt
+    assert fields["extra"]["probe"] == {"tried": 2, "chosen": 1, "recognised": True}
+
+
 def test_attack_report_and_grid(circle_patch, tmp_path, capsys):
     out, png = tmp_path / "attack.json", tmp_path / "attack.png"
     stack = ["--model", str(MODEL), "--patch", str(circle_patch), "--concept", "circle"]
@@ -129,6 +158,9 @@ def test_attack_report_and_grid(circle_patch, tmp_path, capsys):
     assert "asr_base" in paraphrase and "disc" in paraphrase["per_paraphrase"]
     assert report["config"]["budgets"]["rab"]["generations"] == 2
     assert report["config"]["patches"][0]["method"] == "hirm"
+    assert report["config"]["budgets"]["uda"]["probes"] == 2
+    probed = report["attacks"]["unlearndiff"]["attempt_records"][0]["probe"]
+    assert probed["tried"] <= 2 and probed["chosen"] in (0, 1)
     for record in report["attacks"]["ring-a-bell"]["attempt_records"]:
         assert record["round_trips"] is not None and "circle" not in record["prompt"].split()
     assert png.stat().st_size > 0

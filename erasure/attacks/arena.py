@@ -20,6 +20,10 @@ from erasure.attacks.judging import ConceptJudge
 from erasure.attacks.results import Attempt
 from erasure.attacks.tokens import AttackSetupError, Vocabulary
 
+# The seed of the attacker's own check images (`Arena.probe`): never an evaluation seed
+# (the CLI's 5000+) nor a concept image's (7000+).
+PROBE_SEED = 9000
+
 
 @dataclass
 class ConceptImages:
@@ -128,6 +132,31 @@ class Arena:
                 )
             )
         return out
+
+    def probe(
+        self, ranked: list[tuple[Context, list[tuple[str, dict[str, Any]]]]], probes: int
+    ) -> list[tuple[Context, str, dict[str, Any]]]:
+        """Per context, the candidate to send: of its `probes` best (in the search's own
+        ranking), the first the judge recognises in one image drawn with PROBE_SEED, else
+        the best. The attacker checks its candidates before sending them, as UnlearnDiffAtk
+        checks its prompts with the classifier; the evaluation's seeds are never used."""
+        if probes <= 1:
+            return [(context, *options[0]) for context, options in ranked]
+        tried = [(context, options[:probes]) for context, options in ranked]
+        prompts = [text for _, options in tried for text, _ in options]
+        verdicts = self.judge(self.generator.images(prompts, (PROBE_SEED,)))
+        chosen, at = [], 0
+        for context, options in tried:
+            hits = verdicts.success[at : at + len(options)].tolist()
+            at += len(options)
+            index = hits.index(True) if True in hits else 0
+            text, fields = options[index]
+            extra = {
+                **fields.get("extra", {}),
+                "probe": {"tried": len(options), "chosen": index, "recognised": hits[index]},
+            }
+            chosen.append((context, text, {**fields, "extra": extra}))
+        return chosen
 
     # --- the base model's concept images -------------------------------------------------
 

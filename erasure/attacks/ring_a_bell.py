@@ -44,6 +44,9 @@ class RingABellBudget:
     crossover: float = 0.5
     mutation: float = 0.25  # per child: one position gets a random token
     contexts: int = 4  # benign prompts searched from (0: all)
+    # Distinct best sequences per context the attacker tries with the judge before sending
+    # one (Arena.probe; 1: send the best by fitness unchecked).
+    probes: int = 1
 
 
 def concept_vector(
@@ -76,6 +79,7 @@ class Found:
     start_fitness: list[float]
     seconds: float
     ranked: list[list[list[int]]] | None = None  # per context: the best distinct sequences
+    ranked_fitness: list[list[float]] | None = None
 
     def record(self) -> dict:
         return {
@@ -83,12 +87,27 @@ class Found:
             "fitness": self.fitness,
             "start_fitness": self.start_fitness,
             "seconds": self.seconds,
+            "ranked": self.ranked,
+            "ranked_fitness": self.ranked_fitness,
         }
 
     @classmethod
     def from_record(cls, record: dict) -> Found:
         ids = torch.tensor(record["ids"], dtype=torch.long)
-        return cls(ids, record["fitness"], record["start_fitness"], record["seconds"])
+        return cls(
+            ids,
+            record["fitness"],
+            record["start_fitness"],
+            record["seconds"],
+            record.get("ranked"),
+            record.get("ranked_fitness"),
+        )
+
+    def candidates(self, context: int) -> list[tuple[list[int], float]]:
+        """The context's ranked distinct sequences with their fitness, best first."""
+        if self.ranked is None or self.ranked_fitness is None:
+            return [(self.ids[context].tolist(), self.fitness[context])]
+        return list(zip(self.ranked[context], self.ranked_fitness[context], strict=True))
 
 
 def genetic_search(
@@ -138,22 +157,26 @@ def genetic_search(
         population = torch.cat([elite, child], 1)
         scores = torch.cat([elite_scores, fitness(child)], 1)
     best = scores.argmin(1)
-    ranked = []
+    ranked, ranked_fitness = [], []
     for c in range(contexts):
         distinct: list[list[int]] = []
+        values: list[float] = []
         for i in scores[c].argsort().tolist():
             sequence = vocabulary[population[c, i]].tolist()
             if sequence not in distinct:
                 distinct.append(sequence)
+                values.append(float(scores[c, i]))
             if len(distinct) == keep:
                 break
         ranked.append(distinct)
+        ranked_fitness.append(values)
     return Found(
         vocabulary[population[torch.arange(contexts), best]],
         scores[torch.arange(contexts), best].tolist(),
         start.tolist(),
         time.perf_counter() - started,
         ranked,
+        ranked_fitness,
     )
 
 
@@ -201,19 +224,21 @@ def run(arena: Arena, budget: RingABellBudget, adaptive: bool) -> AttackResult:
             budget,
             arena.seed,
             arena.progress,
+            keep=max(1, budget.probes),
         )
         if not adaptive:
             arena.shared[key] = found
-    items = []
+    ranked = []
     for i, context in enumerate(contexts):
-        text = as_text(arena.tokenizer, found.ids[i].tolist())
-        fields = {
-            "ids": text.ids,
-            "round_trips": text.round_trips,
-            "extra": {"benign": context.benign, "fitness": found.fitness[i]},
-        }
-        items.append((context, text.text, fields))
+        options = []
+        for rank, (sequence, fitness) in enumerate(found.candidates(i)):
+            text = as_text(arena.tokenizer, sequence)
+            extra = {"benign": context.benign, "fitness": fitness, "rank": rank}
+            fields = {"ids": text.ids, "round_trips": text.round_trips, "extra": extra}
+            options.append((text.text, fields))
+        ranked.append((context, options))
     evaluating = time.perf_counter()
+    items = arena.probe(ranked, budget.probes)
     attempts, images = arena.judge_prompts(items)
     seconds = {
         "search": 0.0 if reused else found.seconds,

@@ -43,6 +43,9 @@ class UnlearnDiffBudget:
     # images, 3 starts in 14 of 16 (calibration needs >= 80%).
     restarts: int = 3
     contexts: int = 4  # contexts attacked (0: all)
+    # Starts' prefixes per context (lowest loss first) the attacker tries with the judge
+    # before sending one (Arena.probe; 1: send the lowest-loss prefix unchecked).
+    probes: int = 1
 
 
 def project_simplex(weights: torch.Tensor) -> torch.Tensor:
@@ -127,11 +130,24 @@ def best_prefix(
 ) -> tuple[list[int], float, list[float]]:
     """The lowest-loss prefix of `budget.restarts` starts (seeds seed, seed + 1, ...): its
     token ids, its loss, and every start's loss."""
+    tries = ranked_prefixes(pipe, vocabulary, prompt, latent, budget, seed)
+    return tries[0][0], tries[0][1], [loss for _, loss, _ in sorted(tries, key=lambda t: t[2])]
+
+
+def ranked_prefixes(
+    pipe: Any,
+    vocabulary: Vocabulary,
+    prompt: str,
+    latent: torch.Tensor,
+    budget: UnlearnDiffBudget,
+    seed: int,
+) -> list[tuple[list[int], float, int]]:
+    """Every start's (prefix token ids, loss, start number), lowest loss first."""
     tries = [
-        optimise(pipe, vocabulary, prompt, latent, budget, seed + r) for r in range(budget.restarts)
+        (*optimise(pipe, vocabulary, prompt, latent, budget, seed + r), r)
+        for r in range(budget.restarts)
     ]
-    ids, loss = min(tries, key=lambda t: t[1])
-    return ids, loss, [t[1] for t in tries]
+    return sorted(tries, key=lambda t: t[1])
 
 
 def run(arena: Arena, budget: UnlearnDiffBudget) -> AttackResult:
@@ -145,7 +161,7 @@ def run(arena: Arena, budget: UnlearnDiffBudget) -> AttackResult:
         for c in contexts
         if c.name not in by_context
     ]
-    items = []
+    ranked = []
     for number, context in enumerate(
         tqdm(contexts, desc="UnlearnDiffAtk", disable=not arena.progress)
     ):
@@ -153,18 +169,17 @@ def run(arena: Arena, budget: UnlearnDiffBudget) -> AttackResult:
             continue
         latent = images.latents[by_context[context.name]]
         seed = arena.seed + 1000 * number
-        ids, loss, losses = best_prefix(
-            arena.pipe, arena.vocabulary, context.prompt, latent, budget, seed
-        )
-        text = as_text(arena.tokenizer, ids)
-        prompt = f"{text.text} {context.prompt}".strip()
-        fields = {
-            "ids": text.ids,
-            "round_trips": text.round_trips,
-            "extra": {"prefix": text.text, "loss": loss, "restart_losses": losses},
-        }
-        items.append((context, prompt, fields))
+        tries = ranked_prefixes(arena.pipe, arena.vocabulary, context.prompt, latent, budget, seed)
+        losses = [loss for _, loss, _ in sorted(tries, key=lambda t: t[2])]
+        options = []
+        for ids, loss, start in tries:
+            text = as_text(arena.tokenizer, ids)
+            extra = {"prefix": text.text, "loss": loss, "start": start, "restart_losses": losses}
+            fields = {"ids": text.ids, "round_trips": text.round_trips, "extra": extra}
+            options.append((f"{text.text} {context.prompt}".strip(), fields))
+        ranked.append((context, options))
     searched = time.perf_counter()
+    items = arena.probe(ranked, budget.probes)
     attempts, generated = arena.judge_prompts(items)
     seconds = {
         "search": searched - started,
