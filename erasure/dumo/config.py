@@ -43,8 +43,8 @@ class DumoConfig:
     retain_weight: float = 10.0
     # The share of each batch whose x_t comes from the anchored twin's trajectory instead
     # of the concept's: states on the anchor's own path, where the target keeps the
-    # anchor's texture (from the concept's path alone, pale styles came out flatter than
-    # the anchor's images).
+    # anchor's texture. Tried against erased pale-style cells flatter than the anchor's
+    # images: it fixed star's on MiniCanvas, not cross's, and cost circle (BENCHMARKS.md).
     anchor_share: float = 0.0
     # Phase 2, TLMO: the table alone, the same loss on held-out prompts (check_prompts for
     # the retain side), so it learns where in time and depth the eraser is needed.
