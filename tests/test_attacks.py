@@ -5,6 +5,7 @@ without a judge, and HiRM hardened with attack prompts."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ TINY = [
     "--para-contexts", "1",
     "--rab-generations", "2", "--rab-population", "8", "--rab-contexts", "1",
     "--uda-steps", "2", "--uda-contexts", "1", "--uda-draws", "1",
-    "--uda-restarts", "2", "--uda-probes", "2", "--rab-probes", "2",
+    "--uda-restarts", "2", "--uda-probes", "2", "--rab-probes", "2", "--rab-restarts", "2",
     "--ti-steps", "2", "--ti-contexts", "1", "--ti-per-context", "1", "--ti-batch", "1",
 ]  # fmt: skip
 
@@ -98,6 +99,16 @@ def test_genetic_search_never_loses_its_best(minicanvas):
     assert found.ids.shape == (2, budget.tokens)
     for best, ranked in zip(found.ids.tolist(), found.ranked, strict=True):
         assert 1 <= len(ranked) <= 3 and ranked[0] == best
+    # Restarts: independent populations (seeds 3 and 4), each one's best offered first.
+    pooled = genetic_search(
+        encoder, tokenizer, vocabulary.ids, targets, replace(budget, restarts=2), seed=3, keep=2
+    )
+    other = genetic_search(encoder, tokenizer, vocabulary.ids, targets, budget, seed=4, keep=1)
+    for c in range(2):
+        bests = sorted([found.candidates(c)[0], other.candidates(c)[0]], key=lambda x: x[1])
+        if bests[0][0] != bests[1][0]:
+            assert pooled.candidates(c) == bests
+        assert pooled.ids[c].tolist() == bests[0][0] and pooled.fitness[c] == bests[0][1]
 
 
 def test_the_probe_sends_the_first_candidate_the_judge_recognises(minicanvas):

@@ -47,6 +47,9 @@ class RingABellBudget:
     # Distinct best sequences per context the attacker tries with the judge before sending
     # one (Arena.probe; 1: send the best by fitness unchecked).
     probes: int = 1
+    # Independent populations (seeds seed, seed + 1, ...), their candidates pooled by
+    # fitness: one converged population's best few are near-copies of each other.
+    restarts: int = 1
 
 
 def concept_vector(
@@ -120,8 +123,54 @@ def genetic_search(
     progress: bool = False,
     keep: int = 1,
 ) -> Found:
-    """One population per target ([contexts, tokens, width]), searched side by side; `keep`
-    distinct best sequences per target are ranked in the result."""
+    """One population per target ([contexts, tokens, width]) and restart, searched side by
+    side; `keep` distinct best sequences per target are ranked in the result: over
+    restarts, every population's best (by fitness) before any population's second."""
+    runs = [
+        _population_search(
+            encoder, tokenizer, vocabulary, targets, budget, seed + r, progress, keep
+        )
+        for r in range(max(1, budget.restarts))
+    ]
+    if len(runs) == 1:
+        return runs[0]
+    ranked, ranked_fitness, best, best_fitness = [], [], [], []
+    for c in range(len(targets)):
+        # Each population's best first (by fitness), then each one's second, ...: the
+        # candidates differ as the populations do.
+        pooled = sorted(
+            (rank, f, ids) for run in runs for rank, (ids, f) in enumerate(run.candidates(c))
+        )
+        distinct: list[list[int]] = []
+        values: list[float] = []
+        for _, fitness, ids in pooled:
+            if ids not in distinct and len(distinct) < keep:
+                distinct.append(ids)
+                values.append(fitness)
+        ranked.append(distinct)
+        ranked_fitness.append(values)
+        best.append(distinct[0])
+        best_fitness.append(values[0])
+    return Found(
+        torch.tensor(best, dtype=torch.long),
+        best_fitness,
+        [min(run.start_fitness[c] for run in runs) for c in range(len(targets))],
+        sum(run.seconds for run in runs),
+        ranked,
+        ranked_fitness,
+    )
+
+
+def _population_search(
+    encoder: torch.nn.Module,
+    tokenizer,
+    vocabulary: torch.Tensor,
+    targets: torch.Tensor,
+    budget: RingABellBudget,
+    seed: int,
+    progress: bool,
+    keep: int,
+) -> Found:
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     contexts, size, k = len(targets), budget.population, budget.tokens
