@@ -120,20 +120,6 @@ def optimise(
     return vocabulary.ids[best].tolist(), best_loss
 
 
-def best_prefix(
-    pipe: Any,
-    vocabulary: Vocabulary,
-    prompt: str,
-    latent: torch.Tensor,
-    budget: UnlearnDiffBudget,
-    seed: int,
-) -> tuple[list[int], float, list[float]]:
-    """The lowest-loss prefix of `budget.restarts` starts (seeds seed, seed + 1, ...): its
-    token ids, its loss, and every start's loss."""
-    tries = ranked_prefixes(pipe, vocabulary, prompt, latent, budget, seed)
-    return tries[0][0], tries[0][1], [loss for _, loss, _ in sorted(tries, key=lambda t: t[2])]
-
-
 def ranked_prefixes(
     pipe: Any,
     vocabulary: Vocabulary,

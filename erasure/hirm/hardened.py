@@ -27,7 +27,7 @@ import torch
 from erasure.attacks.generation import Sampling
 from erasure.attacks.ring_a_bell import RingABellBudget, genetic_search, search_targets
 from erasure.attacks.tokens import Vocabulary, as_text, attack_vocabulary, single_encoder
-from erasure.attacks.unlearndiff import UnlearnDiffBudget, best_prefix
+from erasure.attacks.unlearndiff import UnlearnDiffBudget, ranked_prefixes
 from erasure.hirm.config import HirmConfig
 from erasure.hirm.train import HirmResult, erase_hirm
 from erasure.prompts import PromptError, fill
@@ -131,7 +131,7 @@ def _prefixed(
 ) -> list[tuple[str, str]]:
     """(prefix + prompt, prefix + benign twin) for the first `hardening.prefixes` templates:
     the prefix found through the patched model's denoising loss on the base's image of the
-    prompt (unlearndiff.best_prefix)."""
+    prompt (unlearndiff.ranked_prefixes, the lowest loss)."""
     count = min(hardening.prefixes, len(templates))
     if not count:
         return []
@@ -152,7 +152,7 @@ def _prefixed(
         for i, (prompt, twin) in enumerate(zip(prompts, benign, strict=False)):
             seed = hardening.seed + 5000 * round_ + 100 * i
             search = hardening.prefix_search
-            ids, _, _ = best_prefix(pipe, vocabulary, prompt, latents[i], search, seed)
+            ids = ranked_prefixes(pipe, vocabulary, prompt, latents[i], search, seed)[0][0]
             text = as_text(pipe.tokenizer, ids).text
             out.append((f"{text} {prompt}", f"{text} {twin}"))
     finally:
