@@ -19,6 +19,7 @@ The best sequence per context is decoded to text; that text is what is sent and 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -47,8 +48,8 @@ class RingABellBudget:
     # Distinct best sequences per context the attacker tries with the judge before sending
     # one (Arena.probe; 1: send the best by fitness unchecked).
     probes: int = 1
-    # Independent populations (seeds seed, seed + 1, ...), their candidates pooled by
-    # fitness: one converged population's best few are near-copies of each other.
+    # Independent populations (seeds seed, seed + 1, ...), each one's best offered before
+    # any one's second: one converged population's best few are near-copies of each other.
     restarts: int = 1
 
 
@@ -134,31 +135,39 @@ def genetic_search(
     ]
     if len(runs) == 1:
         return runs[0]
-    ranked, ranked_fitness, best, best_fitness = [], [], [], []
+    ranked, ranked_fitness = [], []
     for c in range(len(targets)):
         # Each population's best first (by fitness), then each one's second, ...: the
         # candidates differ as the populations do.
         pooled = sorted(
             (rank, f, ids) for run in runs for rank, (ids, f) in enumerate(run.candidates(c))
         )
-        distinct: list[list[int]] = []
-        values: list[float] = []
-        for _, fitness, ids in pooled:
-            if ids not in distinct and len(distinct) < keep:
-                distinct.append(ids)
-                values.append(fitness)
+        distinct, values = _first_distinct(((ids, f) for _, f, ids in pooled), keep)
         ranked.append(distinct)
         ranked_fitness.append(values)
-        best.append(distinct[0])
-        best_fitness.append(values[0])
     return Found(
-        torch.tensor(best, dtype=torch.long),
-        best_fitness,
+        torch.tensor([r[0] for r in ranked], dtype=torch.long),
+        [v[0] for v in ranked_fitness],
         [min(run.start_fitness[c] for run in runs) for c in range(len(targets))],
         sum(run.seconds for run in runs),
         ranked,
         ranked_fitness,
     )
+
+
+def _first_distinct(
+    candidates: Iterable[tuple[list[int], float]], keep: int
+) -> tuple[list[list[int]], list[float]]:
+    """The first `keep` distinct sequences of `candidates` (best first) and their fitness."""
+    distinct: list[list[int]] = []
+    values: list[float] = []
+    for sequence, fitness in candidates:
+        if sequence not in distinct:
+            distinct.append(sequence)
+            values.append(fitness)
+            if len(distinct) == keep:
+                break
+    return distinct, values
 
 
 def _population_search(
@@ -208,15 +217,11 @@ def _population_search(
     best = scores.argmin(1)
     ranked, ranked_fitness = [], []
     for c in range(contexts):
-        distinct: list[list[int]] = []
-        values: list[float] = []
-        for i in scores[c].argsort().tolist():
-            sequence = vocabulary[population[c, i]].tolist()
-            if sequence not in distinct:
-                distinct.append(sequence)
-                values.append(float(scores[c, i]))
-            if len(distinct) == keep:
-                break
+        ordered = (
+            (vocabulary[population[c, i]].tolist(), float(scores[c, i]))
+            for i in scores[c].argsort().tolist()
+        )
+        distinct, values = _first_distinct(ordered, keep)
         ranked.append(distinct)
         ranked_fitness.append(values)
     return Found(
