@@ -12,7 +12,7 @@ may give plain keys, which are hashed as they are read and never kept.
     metrics_keys: ["sha256:2c26b4..."]   # for Prometheus scrapers: GET /metrics only
     registry: /var/lib/conceptguard/registry
     limits: {max_prompt_chars: 1000, max_images: 4, max_steps: 100, max_image_steps: 400}
-    batching: {max_batch_size: 8, batch_timeout_s: 0.02, queue_timeout_s: 300}
+    batching: {max_batch_size: 8, batch_timeout_s: 0.02, queue_timeout_s: 300, build_grace_s: 0.05}
     admission: {tenant_share: 0.5}
     http: {header_timeout_s: 10, body_timeout_s: 30}
     supervision: {stuck_after_s: 60, shutdown_grace_s: 5}
@@ -124,6 +124,10 @@ class Batching(_Strict):
     # Queue-wait limit: a request no worker has started within it gets 504 at that moment
     # (and is never computed).
     queue_timeout_s: float = Field(default=300.0, gt=0.0)
+    # How long a batch waits for a stack build its rows need (a tenant whose stack just
+    # changed) before it starts without them (they join a later batch): the most one
+    # tenant's stack change can delay the other rows of a batch. 0: never wait.
+    build_grace_s: float = Field(default=0.05, ge=0.0, le=1.0)
     # Denoising steps of the one generation each worker runs before it reports ready (so
     # the first request does not pay for kernel selection and allocations); 0: none.
     warm_up_steps: int = Field(default=2, ge=0, le=50)

@@ -244,6 +244,8 @@ class GenerationAPI(ls.LitAPI):
     def _answer_batch(self, items: list[WorkItem], wait: bool) -> list[dict[str, Any] | None]:
         batch_started = time.time()
         snapshot = self._refresh(wait=wait)
+        if not wait:
+            snapshot = self._await_quick_builds(snapshot, items)
         self._report(snapshot)
         answers: list[dict[str, Any] | None] = [{} for _ in items]
         rows, row_index, states = [], [], {}
@@ -299,6 +301,21 @@ class GenerationAPI(ls.LitAPI):
         if torch.cuda.is_available() and self.settings.device == "cuda":
             self.metrics.gpu_memory_bytes(torch.cuda.memory_allocated())
         return answers
+
+    def _await_quick_builds(
+        self, snapshot: RuntimeSnapshot, items: Sequence[WorkItem]
+    ) -> RuntimeSnapshot:
+        """Rows whose tenant's new stack is being built would wait a whole batch for the
+        next; a build that finishes within the grace serves them in this one instead."""
+        try:
+            states = [snapshot.state_for(item.tenant) for item in items]
+        except ConceptGuardError:
+            return snapshot  # the registry is unreadable: every row fails closed anyway
+        pending = [state.stack for state in states if state.pending]
+        grace = self.config.batching.build_grace_s
+        if pending and self.runtime.await_builds(pending, grace):
+            return self._refresh()
+        return snapshot
 
     @staticmethod
     def _error(exc: ConceptGuardError) -> dict[str, Any]:

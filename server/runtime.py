@@ -7,8 +7,10 @@ query when nothing changed) and returns at once: only the tenants the changes na
 those still waiting for a build or a retry) are looked at again, so a refresh costs what
 changed, not the number of tenants; the others keep their state. A tenant whose stack
 changed is *pending* until its new stack is
-built, and its requests wait for it (the worker loop holds them back) - they are never
-served by the stack it had before, and nobody else waits for it. Builds are
+built, and its requests wait for it - they are never served by the stack it had before. A
+batch that holds such rows gives the build a short grace (`await_builds`, bounded by the
+server's `build_grace_s`): a quick build joins the batch; a slower one leaves its rows held
+back by the worker loop for a later batch, so nobody else waits longer than the grace. Builds are
 stage - validate - commit, and the slow part runs on a build thread, off the batch path:
 load every patch (re-validated, checked against its id), refuse kinds this server cannot
 serve, verify each against the model's signature taken at start-up, compose the stack over
@@ -44,8 +46,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Protocol
@@ -283,6 +285,16 @@ class PatchRuntime:
         for record in changes.tenants.values():
             if record.stack and record.stack not in self._plans:
                 self._start_build(record.stack)
+
+    def await_builds(self, stacks: Iterable[tuple[str, ...]], timeout: float) -> bool:
+        """Wait up to `timeout` s for the builds of `stacks` in flight; whether any of them
+        finished (the next `refresh` commits it). Never longer: the caller's other rows
+        wait meanwhile."""
+        futures = [self._builds[s] for s in set(stacks) if s in self._builds]
+        if not futures or timeout <= 0:
+            return False
+        finished, _ = wait(futures, timeout=timeout)
+        return bool(finished)
 
     def close(self) -> None:
         self._builder.shutdown(wait=False, cancel_futures=True)
