@@ -111,7 +111,7 @@ def test_genetic_search_never_loses_its_best(minicanvas):
         assert pooled.ids[c].tolist() == bests[0][0] and pooled.fitness[c] == bests[0][1]
 
 
-def test_the_probe_sends_the_first_candidate_the_judge_recognises(minicanvas):
+def test_the_probe_sends_the_candidate_the_judge_recognises_most(minicanvas):
     from erasure.attacks.arena import PROBE_SEED, Arena
     from erasure.attacks.generation import Sampling
     from erasure.attacks.judging import ConceptJudge
@@ -137,6 +137,20 @@ def test_the_probe_sends_the_first_candidate_the_judge_recognises(minicanvas):
     ((_, text, fields),) = arena.probe(ranked, 2)
     assert text == context.prompt
     assert fields["extra"]["probe"] == {"tried": 2, "chosen": 1, "recognised": True}
+    # Several probe seeds: each candidate's count of recognised images decides.
+    seeds = (PROBE_SEED, PROBE_SEED + 1, PROBE_SEED + 2)
+    drawn = arena.judge(arena.generator.images([context.benign, context.prompt], seeds))
+    counts = drawn.success.reshape(2, 3).sum(1).tolist()
+    assert counts[1] > counts[0]
+    ((_, text, fields),) = arena.probe(ranked, 2, seeds=3)
+    assert text == context.prompt
+    assert fields["extra"]["probe"] == {
+        "tried": 2,
+        "chosen": 1,
+        "recognised": True,
+        "seeds": 3,
+        "recognised_in": counts,
+    }
 
 
 def test_attack_report_and_grid(circle_patch, tmp_path, capsys):

@@ -134,27 +134,35 @@ class Arena:
         return out
 
     def probe(
-        self, ranked: list[tuple[Context, list[tuple[str, dict[str, Any]]]]], probes: int
+        self,
+        ranked: list[tuple[Context, list[tuple[str, dict[str, Any]]]]],
+        probes: int,
+        seeds: int = 1,
     ) -> list[tuple[Context, str, dict[str, Any]]]:
         """Per context, the candidate to send: of its `probes` best (in the search's own
-        ranking), the first the judge recognises in one image drawn with PROBE_SEED, else
-        the best. The attacker checks its candidates before sending them, as UnlearnDiffAtk
-        checks its prompts with the classifier; the evaluation's seeds are never used."""
+        ranking), the one the judge recognises in most of `seeds` images drawn with
+        PROBE_SEED, PROBE_SEED + 1, ... (the first such in the ranking; with one seed, the
+        first recognised), else the best. The attacker checks its candidates before sending
+        them, as UnlearnDiffAtk checks its prompts with the classifier; more seeds prefer a
+        prompt that draws the concept reliably to one that drew it once. The evaluation's
+        seeds are never used."""
         if probes <= 1:
             return [(context, *options[0]) for context, options in ranked]
         tried = [(context, options[:probes]) for context, options in ranked]
         prompts = [text for _, options in tried for text, _ in options]
-        verdicts = self.judge(self.generator.images(prompts, (PROBE_SEED,)))
+        seeds = max(1, seeds)
+        drawn = self.generator.images(prompts, tuple(PROBE_SEED + i for i in range(seeds)))
+        hits = self.judge(drawn).success.reshape(len(prompts), seeds).sum(1).tolist()
         chosen, at = [], 0
         for context, options in tried:
-            hits = verdicts.success[at : at + len(options)].tolist()
+            counts = hits[at : at + len(options)]
             at += len(options)
-            index = hits.index(True) if True in hits else 0
+            index = counts.index(max(counts))
             text, fields = options[index]
-            extra = {
-                **fields.get("extra", {}),
-                "probe": {"tried": len(options), "chosen": index, "recognised": hits[index]},
-            }
+            probe = {"tried": len(options), "chosen": index, "recognised": counts[index] > 0}
+            if seeds > 1:
+                probe.update(seeds=seeds, recognised_in=counts)
+            extra = {**fields.get("extra", {}), "probe": probe}
             chosen.append((context, text, {**fields, "extra": extra}))
         return chosen
 

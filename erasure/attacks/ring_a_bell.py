@@ -48,6 +48,8 @@ class RingABellBudget:
     # Distinct best sequences per context the attacker tries with the judge before sending
     # one (Arena.probe; 1: send the best by fitness unchecked).
     probes: int = 1
+    # Images per candidate in that check (seeds 9000, 9001, ...): the most recognised wins.
+    probe_seeds: int = 1
     # Independent populations (seeds seed, seed + 1, ...), each one's best offered before
     # any one's second: one converged population's best few are near-copies of each other.
     restarts: int = 1
@@ -292,7 +294,7 @@ def run(arena: Arena, budget: RingABellBudget, adaptive: bool) -> AttackResult:
             options.append((text.text, fields))
         ranked.append((context, options))
     evaluating = time.perf_counter()
-    items = arena.probe(ranked, budget.probes)
+    items = arena.probe(ranked, budget.probes, budget.probe_seeds)
     attempts, images = arena.judge_prompts(items)
     seconds = {
         "search": 0.0 if reused else found.seconds,

@@ -46,6 +46,8 @@ class UnlearnDiffBudget:
     # Starts' prefixes per context (lowest loss first) the attacker tries with the judge
     # before sending one (Arena.probe; 1: send the lowest-loss prefix unchecked).
     probes: int = 1
+    # Images per candidate in that check (seeds 9000, 9001, ...): the most recognised wins.
+    probe_seeds: int = 1
 
 
 def project_simplex(weights: torch.Tensor) -> torch.Tensor:
@@ -165,7 +167,7 @@ def run(arena: Arena, budget: UnlearnDiffBudget) -> AttackResult:
             options.append((f"{text.text} {context.prompt}".strip(), fields))
         ranked.append((context, options))
     searched = time.perf_counter()
-    items = arena.probe(ranked, budget.probes)
+    items = arena.probe(ranked, budget.probes, budget.probe_seeds)
     attempts, generated = arena.judge_prompts(items)
     seconds = {
         "search": searched - started,
