@@ -18,7 +18,9 @@ stacks keep changing on both sides of the model. Checks:
   It includes waiting for that tenant's next request to reach that worker and the whole
   generation, so the table also gives "pick-up" (to the start of the first batch serving the
   tenant with the new stack) and "next batch" (to the start of each worker's next batch, any
-  tenant), and checks that no batch started after an assignment used the old stack.
+  tenant), and checks that no batch started after an assignment used the old stack;
+  "new-stack wait" is how long each worker's first request with the new stack waited for
+  its batch to start (a whole batch more when its rows were held back for the build).
 
 With `--mode hostile` a fifth tenant attacks meanwhile (bench/serve_hostile.py): it sends
 malformed and oversized requests (`--hostile-rate` per second), holds connections that stop
@@ -136,6 +138,9 @@ def analyse(samples: list[Sample], registrations: list[Registration], histories:
             stale.append(asdict(s))
     workers = sorted({s.worker for s in ok})
     latencies, pickups, all_workers, next_batch, old_after = [], [], [], [], []
+    # Samples are timed on this process's monotonic clock, batch starts on the wall clock.
+    offset = float(np.median([r.done_unix - r.done for r in registrations])) if registrations else 0
+    first_waits = []
     for reg in registrations:
         per_worker = []
         for worker in workers:
@@ -151,6 +156,9 @@ def analyse(samples: list[Sample], registrations: list[Registration], histories:
                 per_worker.append(first.received - reg.done)
                 # Pick-up: the worker's first batch with the new stack started this long after.
                 pickups.append(min(s.batch_started_at for s in served) - reg.done_unix)
+                # That request's own wait for a batch: one more batch if it was held back
+                # while its stack was built.
+                first_waits.append(first.batch_started_at - (first.sent + offset))
         latencies += per_worker
         if len(per_worker) == len(workers):
             all_workers.append(max(per_worker))
@@ -192,6 +200,8 @@ def analyse(samples: list[Sample], registrations: list[Registration], histories:
         "next_batch_p99_s": pct(next_batch, 99),
         "pickup_p50_s": pct(pickups, 50),
         "pickup_p99_s": pct(pickups, 99),
+        "new_stack_wait_p50_s": pct(first_waits, 50),
+        "new_stack_wait_p99_s": pct(first_waits, 99),
         "examples_failed": [asdict(s) for s in samples if s.status != 200][:5],
         "examples_wrong": wrong[:5],
         "examples_stale": stale[:5],
@@ -330,6 +340,10 @@ def _table(result: dict[str, Any]) -> list[tuple[str, Any]]:
         ("reload on all workers p99", f"{result['reload_all_workers_p99_s']} s"),
         ("pick-up p50 / p99", f"{result['pickup_p50_s']} / {result['pickup_p99_s']} s"),
         ("next batch p50 / p99", f"{result['next_batch_p50_s']} / {result['next_batch_p99_s']} s"),
+        (
+            "new-stack request's wait p50 / p99",
+            f"{result['new_stack_wait_p50_s']} / {result['new_stack_wait_p99_s']} s",
+        ),
         ("old stack after pick-up", result["old_stack_in_later_batch"]),
         ("stack builds (mean)", f"{result['stack_builds']} ({result['stack_build_mean_s']} s)"),
         ("batch, mean of its stages", f"{result['batch_mean_s']} s"),
