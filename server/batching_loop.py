@@ -16,7 +16,7 @@ it from the queue. This loop:
 - holds back the rows of tenants whose new patch stack is still being built (the LitAPI
   answers them with None, after giving the build `build_grace_s`): they join a later batch
   once it is ready, while every other tenant's rows are served at once - one tenant's stack
-  change delays another by that grace at most;
+  change delays another by that grace at most, once;
 - lets the LitAPI do housekeeping while idle (registry changes are picked up and built
   before the next request arrives): at once when it signals that some is due (a database
   registry's change notification, a finished build), else once per idle pass.

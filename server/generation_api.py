@@ -76,6 +76,7 @@ class GenerationAPI(ls.LitAPI):
         self._reported: RuntimeSnapshot | None = None
         self.registry_changed: threading.Event | None = None
         self._refreshed_at = 0.0
+        self._graced: set[tuple[str, ...]] = set()  # stacks in build already given the grace
         self.compiled = False
 
     def setup(self, device: str) -> None:
@@ -306,14 +307,17 @@ class GenerationAPI(ls.LitAPI):
         self, snapshot: RuntimeSnapshot, items: Sequence[WorkItem]
     ) -> RuntimeSnapshot:
         """Rows whose tenant's new stack is being built would wait a whole batch for the
-        next; a build that finishes within the grace serves them in this one instead."""
+        next; a build that finishes within the grace serves them in this one instead. Each
+        build gets the grace once: a slow one does not delay every batch while it runs."""
         try:
             states = [snapshot.state_for(item.tenant) for item in items]
         except ConceptGuardError:
             return snapshot  # the registry is unreadable: every row fails closed anyway
-        pending = [state.stack for state in states if state.pending]
-        grace = self.config.batching.build_grace_s
-        if pending and self.runtime.await_builds(pending, grace):
+        pending = {state.stack for state in states if state.pending}
+        self._graced &= self.runtime.stacks_in_build
+        fresh = pending - self._graced
+        self._graced |= fresh
+        if fresh and self.runtime.await_builds(fresh, self.config.batching.build_grace_s):
             return self._refresh()
         return snapshot
 

@@ -9,8 +9,8 @@ changed, not the number of tenants; the others keep their state. A tenant whose 
 changed is *pending* until its new stack is
 built, and its requests wait for it - they are never served by the stack it had before. A
 batch that holds such rows gives the build a short grace (`await_builds`, bounded by the
-server's `build_grace_s`): a quick build joins the batch; a slower one leaves its rows held
-back by the worker loop for a later batch, so nobody else waits longer than the grace. Builds are
+server's `build_grace_s`, once per build): a quick build joins the batch; a slower one
+leaves its rows held back by the worker loop for a later batch. Builds are
 stage - validate - commit, and the slow part runs on a build thread, off the batch path:
 load every patch (re-validated, checked against its id), refuse kinds this server cannot
 serve, verify each against the model's signature taken at start-up, compose the stack over
@@ -252,6 +252,11 @@ class PatchRuntime:
     def building(self) -> bool:
         """Whether stack builds are in flight (or finished and not yet committed)."""
         return bool(self._builds)
+
+    @property
+    def stacks_in_build(self) -> set[tuple[str, ...]]:
+        """The stacks whose builds are in flight (or finished and not yet committed)."""
+        return set(self._builds)
 
     @property
     def build_finished(self) -> bool:

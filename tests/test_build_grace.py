@@ -6,6 +6,7 @@ Either way they never get the old stack, and the other tenant's row is served at
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -69,4 +70,30 @@ def test_without_grace_the_rows_wait_for_a_later_batch(worker_factory):
     while runtime.building and not runtime.build_finished and time.monotonic() < deadline:
         time.sleep(0.01)  # the build thread finishes on its own; bounded
     a, _ = worker.serve_batch(_items(2))
+    assert a["status"] == 200 and a["record"]["patches"] == [ids[2]]
+
+
+def test_a_slow_build_gets_the_grace_once(worker_factory):
+    registry, ids, make = worker_factory
+    worker = make(grace=1.0)
+    runtime = worker.runtime
+    gate = threading.Event()
+    runtime._builder.submit(gate.wait, 60)  # the one build thread is busy: a's build queues
+    try:
+        registry.set_tenant("a", [ids[2]])
+        started = time.perf_counter()
+        a, b = worker.serve_batch(_items(1))
+        first = time.perf_counter() - started
+        assert a is None and b["status"] == 200  # held back after the grace; b served
+        assert first >= 1.0
+        started = time.perf_counter()
+        a, b = worker.serve_batch(_items(2))
+        assert a is None and b["status"] == 200
+        assert time.perf_counter() - started < 0.9  # no second grace for the same build
+    finally:
+        gate.set()
+    deadline = time.monotonic() + 30
+    while runtime.building and not runtime.build_finished and time.monotonic() < deadline:
+        time.sleep(0.01)
+    a, _ = worker.serve_batch(_items(3))
     assert a["status"] == 200 and a["record"]["patches"] == [ids[2]]
