@@ -142,6 +142,13 @@ def run_conceptguard(*args: str, timeout: float = 180) -> subprocess.CompletedPr
     )
 
 
+def wait_for_builds(runtime, timeout: float = 30.0) -> None:
+    """Until the stack builds a PatchRuntime has in flight are done (bounded): waits on the
+    builds themselves, no polling."""
+    runtime.await_builds(runtime.stacks_in_build, timeout)
+    assert runtime.build_finished
+
+
 def generate(pipe, prompt: str = "a red circle", seed: int = 0, **kwargs):
     """Deterministic tiny generation as a numpy array."""
     pipe.set_progress_bar_config(disable=True)

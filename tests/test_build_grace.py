@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import text_encoder_patch
+from conftest import text_encoder_patch, wait_for_builds
 
 from patches.registry import open_registry
 from server.config import ServerConfig
@@ -65,10 +65,7 @@ def test_without_grace_the_rows_wait_for_a_later_batch(worker_factory):
     a, b = worker.serve_batch(_items(1))
     assert a is None  # held back: never served with its old stack
     assert b["status"] == 200 and b["record"]["patches"] == [ids[1]]
-    deadline = time.monotonic() + 30
-    runtime = worker.runtime
-    while runtime.building and not runtime.build_finished and time.monotonic() < deadline:
-        time.sleep(0.01)  # the build thread finishes on its own; bounded
+    wait_for_builds(worker.runtime)
     a, _ = worker.serve_batch(_items(2))
     assert a["status"] == 200 and a["record"]["patches"] == [ids[2]]
 
@@ -92,8 +89,6 @@ def test_a_slow_build_gets_the_grace_once(worker_factory):
         assert time.perf_counter() - started < 0.9  # no second grace for the same build
     finally:
         gate.set()
-    deadline = time.monotonic() + 30
-    while runtime.building and not runtime.build_finished and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for_builds(runtime)
     a, _ = worker.serve_batch(_items(3))
     assert a["status"] == 200 and a["record"]["patches"] == [ids[2]]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import lora_patch, text_encoder_patch, unet_weights_patch
+from conftest import lora_patch, text_encoder_patch, unet_weights_patch, wait_for_builds
 from registry_backends import BACKENDS, new_registry, overwrite_blob, sql
 
 from patches.local_registry import LocalRegistry
@@ -240,13 +240,6 @@ def test_plans_in_use_follow_the_tenants_as_they_change(registry, tiny_sd, patch
     assert ids[:1] not in [list(s) for s in runtime._plans]  # nobody holds [p0]: pruned
 
 
-def _wait_for_builds(runtime):
-    deadline = time.monotonic() + 30
-    while runtime.building and not runtime.build_finished and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert runtime.build_finished
-
-
 def test_a_change_read_mid_batch_is_served_by_the_next_batch(registry, tiny_sd, patch_files):
     """A stack changed while a batch runs: `prefetch` (between denoising steps) starts its
     build and commits nothing, so the next batch's refresh serves the tenant with its new
@@ -263,7 +256,7 @@ def test_a_change_read_mid_batch_is_served_by_the_next_batch(registry, tiny_sd, 
     assert runtime.building and runtime.changes_waiting
     assert runtime.snapshot is in_flight  # nothing committed under the running batch
     assert in_flight.state_for("a").stack == (ids[0],)
-    _wait_for_builds(runtime)
+    wait_for_builds(runtime)
 
     registry.set_tenant("b", [ids[2]])  # a later change, read by the refresh itself
     following = runtime.refresh()  # the next batch's: no wait
