@@ -87,7 +87,7 @@ def test_training_resumes_where_it_stopped(tiny_sd, tmp_path):
 
 
 def test_anchor_share_draws_states_from_the_anchored_trajectory(tiny_sd):
-    plain = erase_dumo(tiny_sd, _config(steps=2, tlmo_steps=0)).patch
+    plain = erase_dumo(tiny_sd, _config(steps=2, tlmo_steps=0, anchor_share=0.0)).patch
     anchored = erase_dumo(tiny_sd, _config(steps=2, tlmo_steps=0, anchor_share=1.0)).patch
     assert anchored.manifest.params["anchor_share"] == 1.0
     # Same seed, same prompts picked: only where x_t came from differs, and so does the eraser.
@@ -114,7 +114,9 @@ def test_cli_writes_the_patch_and_its_report(sd_model_path, tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "DuMo for cat" in done.stdout and "prompt gate" in done.stdout
-    assert Patch.load(out).manifest.params["module_config"]["width"] == 0.5
+    params = Patch.load(out).manifest.params
+    assert params["module_config"]["width"] == 0.5
+    assert params["anchor_share"] == 0.5  # the default the sweep measured, without the flag
     assert json.loads(report.read_text())["method"] == "dumo"
     refused = run_conceptguard(
         "erase", "dumo", "--model", str(sd_model_path), "--concept", "cat", "-o", str(out)
