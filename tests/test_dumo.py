@@ -74,6 +74,21 @@ def test_a_dumo_patch_erases_where_its_gate_opens_only(tiny_sd, result):
     assert result.report["check_eps_drift"] < result.report["concept_eps_shift"]
 
 
+def test_the_gate_contrast_covers_the_padding_states_it_reads(tiny_sd, result):
+    """The gate scores every position of a prompt, padding included (a padding state sums
+    up the prompt); the contrast must hold other prompts' padding states too, or an unseen
+    prompt can open the gate through its padding (MiniCanvas: "a plain cross" on dots)."""
+    contrast = result.patch.tensors["module.gate_contrast"]
+    tokens = tiny_sd.tokenizer(RETAIN[0], padding="max_length", return_tensors="pt").input_ids
+    length = len(tiny_sd.tokenizer(RETAIN[0]).input_ids)
+    with torch.no_grad():
+        states = tiny_sd.text_encoder(tokens)[0][0]
+    assert length < len(states)  # the first retain prompt has padding
+    distance = torch.cdist(states[length:], contrast).min(dim=1).values
+    assert distance.min() < 1e-4  # its padding is in the contrast
+    assert len(contrast) > len(RETAIN) * (length - 1)  # more than the prompts' tokens
+
+
 def test_training_resumes_where_it_stopped(tiny_sd, tmp_path):
     straight = erase_dumo(tiny_sd, _config(steps=4, tlmo_steps=2)).patch.tensors
     checkpoint = tmp_path / "run"

@@ -25,9 +25,11 @@ class DumoConfig:
     buckets: int = 20
     gate: bool = True
     gate_tokens: int = 256  # at most this many concept token states (fewer if found)
-    # The gate's contrast: at most this many token states of the retain prompts, so a token
-    # as close to other prompts as to the concept opens nothing (0: the plain gate). Without
-    # it "a plain square" scored above "dots cross" for cross on MiniCanvas.
+    # The gate's contrast: at most this many token states of the retain prompts, and as
+    # many of their padding states, so a position as close to other prompts as to the
+    # concept opens nothing (0: the plain gate). Without it "a plain square" scored above
+    # "dots cross" for cross on MiniCanvas; without the padding, "a plain cross" above "a
+    # crescent in dots style" for dots.
     gate_contrast_tokens: int = 1024
     prior: bool = True
     # Phase 1, the eraser: guidance from each prompt's anchored twin r,
