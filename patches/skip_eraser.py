@@ -14,8 +14,9 @@ output, per row:
   similarity between the row's text states (start token excluded) and the erased concept's
   token states stored in the patch, and low/high are calibrated when the patch is made
   (the concept's prompts above high, other prompts below low). With contrast states (other
-  prompts' token states, also stored), s is contrastive: per token, its similarity to the
-  concept minus its similarity to the nearest contrast state, maximised over the tokens; a
+  prompts' token and padding states, also stored), s is contrastive: per token, its
+  similarity to the concept minus its similarity to the nearest contrast state, maximised
+  over the tokens, padding included; a
   token that is as close to other prompts as to the concept (a shared word, a padding
   state) then scores about 0 however close it is to the concept. The gate reads only what
   the U-Net reads, so it works per row in a batch mixing tenants. (The paper also counts

@@ -153,19 +153,27 @@ def test_a_contrastive_gate_ignores_tokens_other_prompts_share():
     assert scores[0] > 0.25 and scores[1] <= 0.0
 
 
-def test_the_cross_gate_on_minicanvas_separates_once_it_has_contrast():
+def test_the_minicanvas_gates_separate_once_the_contrast_covers_every_position():
     """MiniCanvas's `cross` (synonym "plus sign"): "a plain square" scored 0.967 against the
     concept's lowest held-out prompt at 0.952 with the plain gate, so the gate opened on
-    every object's plain prompts and the patch damaged them (IRA 71% against 95%)."""
+    every object's plain prompts and the patch damaged them (IRA 71% against 95%).
+    `dots`: with the retain prompts' tokens alone in the contrast, "a plain cross" scored
+    0.41 at a padding position, above "a crescent in dots style" (0.34); the gate sat inside
+    the overlap and stayed shut on crescent's dots cells (UA 87.5%)."""
     from bench.minicanvas.erasure_settings import dumo_config
     from erasure.dumo.train import _Trainer
     from patches.loading import load_pipeline
     from server.default_model import default_model_path
 
     pipe = load_pipeline(str(default_model_path()), "float32", "cpu")
-    for contrast, separable in ((0, False), (1024, True)):
-        trainer = _Trainer(pipe, dumo_config(["cross"], gate_contrast_tokens=contrast))
+    for concept, contrast, separable in (
+        ("cross", 0, False),
+        ("cross", 1024, True),
+        ("dots", 1024, True),
+    ):
+        trainer = _Trainer(pipe, dumo_config([concept], gate_contrast_tokens=contrast))
         report = trainer.gate_report
-        assert report["separable"] is separable, report
-        assert report["contrast_tokens"] == contrast
+        assert report["separable"] is separable, (concept, report)
+        # Two pools of at most `contrast` each: the retain prompts' tokens, their padding.
+        assert contrast <= report["contrast_tokens"] <= 2 * contrast
         assert report["concept_similarity_min"] > report["other_similarity_max"] or not separable
