@@ -16,10 +16,10 @@ output, per row:
   (the concept's prompts above high, other prompts below low). With contrast states (other
   prompts' token and padding states, also stored), s is contrastive: per token, its
   similarity to the concept minus its similarity to the nearest contrast state, maximised
-  over the tokens, padding included; a
-  token that is as close to other prompts as to the concept (a shared word, a padding
-  state) then scores about 0 however close it is to the concept. The gate reads only what
-  the U-Net reads, so it works per row in a batch mixing tenants. (The paper also counts
+  over the tokens, padding included; a token that is as close to other prompts as to the
+  concept (a shared word, a padding state) then scores about 0 however close it is to the
+  concept. The gate reads only what the U-Net reads, so it works per row in a batch mixing
+  tenants. (The paper also counts
   token overlap with the target word; the U-Net never sees token ids, so that term is not
   used.)
 `width` scales the encoder's channels (a narrower copy for large bases); at width 1 it is
