@@ -65,7 +65,9 @@ def _token_ids(tokenizer: Any, prompt: str) -> list[int]:
     return tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
 
 
-def _thinned(pool: list[tuple[torch.Tensor, torch.Tensor]], count: int):
+def _thinned(
+    pool: list[tuple[torch.Tensor, torch.Tensor]], count: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(states, rows) of a pool's (states, rows) parts, evenly thinned to `count`."""
     states = torch.cat([s for s, _ in pool])
     rows = torch.cat([r for _, r in pool])
