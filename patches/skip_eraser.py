@@ -19,9 +19,8 @@ output, per row:
   over the tokens, padding included; a token that is as close to other prompts as to the
   concept (a shared word, a padding state) then scores about 0 however close it is to the
   concept. The gate reads only what the U-Net reads, so it works per row in a batch mixing
-  tenants. (The paper also counts
-  token overlap with the target word; the U-Net never sees token ids, so that term is not
-  used.)
+  tenants. (The paper also counts token overlap with the target word; the U-Net never sees
+  token ids, so that term is not used.)
 `width` scales the encoder's channels (a narrower copy for large bases); at width 1 it is
 initialised from the U-Net's own weights (prior knowledge), below 1 from their leading
 channels. The U-Net's class/added embeddings (SDXL's pooled text and size ids) are not fed

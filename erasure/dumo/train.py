@@ -66,11 +66,9 @@ def _token_ids(tokenizer: Any, prompt: str) -> list[int]:
 
 
 def _thinned(
-    pool: list[tuple[torch.Tensor, torch.Tensor]], count: int
+    states: torch.Tensor, rows: torch.Tensor, count: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(states, rows) of a pool's (states, rows) parts, evenly thinned to `count`."""
-    states = torch.cat([s for s, _ in pool])
-    rows = torch.cat([r for _, r in pool])
+    """`states` and the prompt row each came from, evenly thinned to at most `count`."""
     pick = torch.linspace(0, len(states) - 1, min(count, len(states))).round().long()
     return states[pick].clone(), rows[pick]
 
@@ -161,12 +159,11 @@ class _Trainer:
             raise WrongTarget("the concept's words do not appear in its prompts' tokens")
         # The state at a concept word depends on the words before it (causal attention), so
         # the gate keeps many contexts: every occurrence, evenly thinned to `gate_tokens`.
-        count = min(self.config.gate_tokens, len(vectors))
-        pick = torch.linspace(0, len(vectors) - 1, count).round().long()
-        target = torch.stack(vectors)[pick]
-        self.eraser.gate_target = torch.nn.Parameter(target.clone(), requires_grad=False)
-        self.module_config["gate_tokens"] = count
-        source = torch.tensor(origin)[pick]
+        target, source = _thinned(
+            torch.stack(vectors), torch.tensor(origin), self.config.gate_tokens
+        )
+        self.eraser.gate_target = torch.nn.Parameter(target, requires_grad=False)
+        self.module_config["gate_tokens"] = len(target)
         contrast, contrast_source = self._gate_contrast()
         unseen = []
         for row in range(len(self.prompts)):
@@ -223,14 +220,18 @@ class _Trainer:
         if not count or self.retain is None:
             return None, torch.empty(0, dtype=torch.long)
         tokenizer = self.pipe.tokenizer
-        width = self.retain.states.shape[1]
-        pools: tuple[list, list] = ([], [])  # (tokens, padding) as (states, rows) pairs
+        positions = self.retain.states.shape[1]
+        pools: tuple[list, list] = ([], [])  # (tokens, padding): (states, rows) per prompt
         for row, prompt in enumerate(self.config.retain_prompts):
-            length = min(len(_token_ids(tokenizer, prompt)), width)
-            for pool, span in zip(pools, (slice(1, length), slice(length, width)), strict=True):
+            length = min(len(_token_ids(tokenizer, prompt)), positions)
+            spans = (slice(1, length), slice(length, positions))
+            for pool, span in zip(pools, spans, strict=True):
                 states = self.retain.states[row, span]
                 pool.append((states, torch.full((len(states),), row)))
-        picked = [_thinned(pool, count) for pool in pools if pool]
+        picked = [
+            _thinned(torch.cat([s for s, _ in pool]), torch.cat([r for _, r in pool]), count)
+            for pool in pools
+        ]
         contrast = torch.cat([states for states, _ in picked])
         source = torch.cat([rows for _, rows in picked])
         self.eraser.gate_contrast = torch.nn.Parameter(contrast, requires_grad=False)
