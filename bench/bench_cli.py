@@ -52,6 +52,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ("registry-scale", "bench.registry_scale"),
         ("gpu-suite", "bench.gpu_suite"),
         ("attack-table", "bench.minicanvas.attack_table"),
+        ("attack-calibration", "bench.minicanvas.attack_calibration"),
     ):
         runner = commands.add_parser(
             name, add_help=False, prefix_chars="+", help=f"{module}: see --help"

@@ -16,7 +16,7 @@ from erasure.attacks.concepts import minicanvas_concept
 from erasure.attacks.paraphrase import joins, misspellings
 from erasure.attacks.ring_a_bell import RingABellBudget, genetic_search, search_targets
 from erasure.attacks.tokens import as_text, attack_vocabulary, layout
-from erasure.attacks.unlearndiff import UnlearnDiffBudget, project_simplex
+from erasure.attacks.unlearndiff import UnlearnDiffBudget, per_image, project_simplex
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "minicanvas"
 TINY = [
@@ -190,6 +190,21 @@ def test_attack_report_and_grid(circle_patch, tmp_path, capsys):
         assert record["round_trips"] is not None and "circle" not in record["prompt"].split()
     assert png.stat().st_size > 0
     assert "ASR" in capsys.readouterr().out
+
+
+def test_unlearndiff_fits_its_prefix_to_several_images_of_the_concept(tmp_path):
+    """--uda-per-context N: the prefix is fitted to the base's recognised images of each
+    context (seeds 7000, ...), not to a single drawing; the draws are shared out."""
+    out = tmp_path / "attack.json"
+    budget = ["--uda-per-context", "3", "--uda-draws", "3", "--uda-contexts", "2"]
+    args = ["attack", "--model", str(MODEL), "--concept", "circle", "--attacks", "unlearndiff"]
+    assert main([*args, "--json", str(out), *TINY, *budget]) == 0
+    record = json.loads(out.read_text())["attacks"]["unlearndiff"]
+    assert record["budget"]["per_context"] == 3
+    fitted = [a["fitted_images"] for a in record["attempt_records"]]
+    # The base draws circle recognisably in most of its images: every context keeps 2-3.
+    assert len(fitted) == 2 and all(2 <= n <= 3 for n in fitted), fitted
+    assert per_image(3, 3) == 1 and per_image(4, 3) == 2 and per_image(16, 1) == 16
 
 
 def test_a_model_without_judges_is_refused(sd_model_path, capsys):

@@ -1,16 +1,17 @@
 """An UnlearnDiffAtk-style attack: a few prompt tokens optimised, white-box, through the
 PATCHED model's own denoising loss on images of the concept.
 
-Per context: the base model's image of the concept prompt (its latent z), and the prompt
-itself with `prefix` attack tokens in front. The tokens are relaxed to a point on the
-probability simplex over the attack vocabulary per position (their embedding is the
-weighted mix of token embeddings); AdamW minimises
+Per context: the base model's images of the concept prompt (their latents z; `per_context`
+drawn, the recognised kept), and the prompt itself with `prefix` attack tokens in front. The
+tokens are relaxed to a point on the probability simplex over the attack vocabulary per
+position (their embedding is the weighted mix of token embeddings); AdamW minimises
 ||eps - eps_theta*(sqrt(abar_t) z + sqrt(1 - abar_t) eps, t, E*(prompt))||^2 over sampled t
-and eps (theta*, E*: the patched U-Net and text encoder), each step followed by a projection
-back onto the simplex. The argmax tokens are decoded to text, put in front of the prompt,
-and that text is generated and judged. The argmax tokens are scored whenever they change
-(the same draws for every candidate) and the lowest-loss ones are kept; `restarts`
-independent starts per context, the lowest loss of them kept.
+and eps (theta*, E*: the patched U-Net and text encoder; the draws are shared out over the
+images, so more images cost no more U-Net calls), each step followed by a projection back
+onto the simplex. The argmax tokens are decoded to text, put in front of the prompt, and
+that text is generated and judged. The argmax tokens are scored whenever they change (the
+same draws for every candidate) and the lowest-loss ones are kept; `restarts` independent
+starts per context, the lowest loss of them kept.
 """
 
 from __future__ import annotations
@@ -48,6 +49,16 @@ class UnlearnDiffBudget:
     probes: int = 1
     # Images per candidate in that check (seeds 9000, 9001, ...): the most recognised wins.
     probe_seeds: int = 1
+    # Base images of the concept per context the prefix is fitted to (seeds 7000, ...; the
+    # judge's recognised ones). Published: one. One image is one drawing of the concept,
+    # and a prefix fitted to it can explain that drawing without the concept (textual
+    # inversion on MiniCanvas: 79.7% on the base from 2 images per context, 87.5% from 4).
+    per_context: int = 1
+
+
+def per_image(draws: int, images: int) -> int:
+    """(t, eps) draws per image so that all images together get about `draws`."""
+    return max(1, -(-draws // images))
 
 
 def project_simplex(weights: torch.Tensor) -> torch.Tensor:
@@ -83,13 +94,13 @@ def optimise(
     pipe: Any,
     vocabulary: Vocabulary,
     prompt: str,
-    latent: torch.Tensor,
+    latents: torch.Tensor,
     budget: UnlearnDiffBudget,
     seed: int,
 ) -> tuple[list[int], float]:
-    """(prefix token ids, their loss) for one start against `pipe` as it is (patched): the
-    argmax tokens with the lowest loss seen during the run, each new argmax scored on the
-    same `CHECK_DRAWS` (t, eps) draws."""
+    """(prefix token ids, their loss) for one start against `pipe` as it is (patched), on
+    `latents` [n, c, h, w] (images of the concept): the argmax tokens with the lowest loss
+    seen during the run, each new argmax scored on the same `CHECK_DRAWS` (t, eps) draws."""
     generator = torch.Generator().manual_seed(seed)
     prefix = _Prefix(pipe, vocabulary, prompt, budget.prefix)
     vocab = len(vocabulary)
@@ -97,17 +108,22 @@ def optimise(
     weights = torch.nn.functional.one_hot(start, vocab).float().requires_grad_(True)
     optimizer = torch.optim.AdamW([weights], lr=budget.lr, weight_decay=budget.weight_decay)
 
+    images = len(latents)
+    draws, check_draws = per_image(budget.draws, images), per_image(CHECK_DRAWS, images)
+
+    def loss_of(states: torch.Tensor, generator: torch.Generator, count: int) -> torch.Tensor:
+        return denoising_loss(pipe, latents, states.expand(images, -1, -1), generator, count)
+
     def discrete_loss(chosen: torch.Tensor) -> float:
         check = torch.Generator().manual_seed(seed + 1)  # the same draws for every candidate
         onehot = torch.nn.functional.one_hot(chosen, vocab).float()
         with torch.no_grad():
-            states = prefix.states(onehot)
-            return float(denoising_loss(pipe, latent[None], states, check, CHECK_DRAWS))
+            return float(loss_of(prefix.states(onehot), check, check_draws))
 
     best, best_loss = start, discrete_loss(start)
     scored = {tuple(start.tolist())}
     for _ in range(budget.steps):
-        loss = denoising_loss(pipe, latent[None], prefix.states(weights), generator, budget.draws)
+        loss = loss_of(prefix.states(weights), generator, draws)
         (grad,) = torch.autograd.grad(loss, [weights])
         weights.grad = grad
         optimizer.step()
@@ -126,13 +142,13 @@ def ranked_prefixes(
     pipe: Any,
     vocabulary: Vocabulary,
     prompt: str,
-    latent: torch.Tensor,
+    latents: torch.Tensor,
     budget: UnlearnDiffBudget,
     seed: int,
 ) -> list[tuple[list[int], float, int]]:
     """Every start's (prefix token ids, loss, start number), lowest loss first."""
     tries = [
-        (*optimise(pipe, vocabulary, prompt, latent, budget, seed + r), r)
+        (*optimise(pipe, vocabulary, prompt, latents, budget, seed + r), r)
         for r in range(budget.restarts)
     ]
     return sorted(tries, key=lambda t: t[1])
@@ -142,8 +158,10 @@ def run(arena: Arena, budget: UnlearnDiffBudget) -> AttackResult:
     single_encoder(arena.pipe)
     started = time.perf_counter()
     contexts = arena.concept.first(budget.contexts)
-    images = arena.concept_images(contexts, 1)
-    by_context = {c.name: i for i, c in reversed(list(enumerate(images.contexts)))}
+    images = arena.concept_images(contexts, budget.per_context)
+    by_context: dict[str, list[int]] = {}
+    for i, c in enumerate(images.contexts):
+        by_context.setdefault(c.name, []).append(i)
     notes = [
         f"{c.name}: the base drew no recognisable concept image"
         for c in contexts
@@ -155,14 +173,20 @@ def run(arena: Arena, budget: UnlearnDiffBudget) -> AttackResult:
     ):
         if context.name not in by_context:
             continue
-        latent = images.latents[by_context[context.name]]
+        latents = images.latents[by_context[context.name]]
         seed = arena.seed + 1000 * number
-        tries = ranked_prefixes(arena.pipe, arena.vocabulary, context.prompt, latent, budget, seed)
+        tries = ranked_prefixes(arena.pipe, arena.vocabulary, context.prompt, latents, budget, seed)
         losses = [loss for _, loss, _ in sorted(tries, key=lambda t: t[2])]
         options = []
         for ids, loss, start in tries:
             text = as_text(arena.tokenizer, ids)
-            extra = {"prefix": text.text, "loss": loss, "start": start, "restart_losses": losses}
+            extra = {
+                "prefix": text.text,
+                "loss": loss,
+                "start": start,
+                "restart_losses": losses,
+                "fitted_images": len(latents),
+            }
             fields = {"ids": text.ids, "round_trips": text.round_trips, "extra": extra}
             options.append((f"{text.text} {context.prompt}".strip(), fields))
         ranked.append((context, options))

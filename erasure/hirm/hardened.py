@@ -152,7 +152,7 @@ def _prefixed(
         for i, (prompt, twin) in enumerate(zip(prompts, benign, strict=False)):
             seed = hardening.seed + 5000 * round_ + 100 * i
             search = hardening.prefix_search
-            ids = ranked_prefixes(pipe, vocabulary, prompt, latents[i], search, seed)[0][0]
+            ids = ranked_prefixes(pipe, vocabulary, prompt, latents[i : i + 1], search, seed)[0][0]
             text = as_text(pipe.tokenizer, ids).text
             out.append((f"{text} {prompt}", f"{text} {twin}"))
     finally:
