@@ -16,6 +16,7 @@ TINY = [
     "--attacks", "ring-a-bell,unlearndiff", "--attack-seeds", "1",
     "--rab-generations", "2", "--rab-population", "8", "--rab-contexts", "1",
     "--uda-steps", "2", "--uda-contexts", "1", "--uda-draws", "1", "--uda-restarts", "1",
+    "--rab-restarts", "1", "--rab-probes", "1", "--uda-probes", "1", "--uda-per-context", "1",
 ]  # fmt: skip
 
 

@@ -19,6 +19,8 @@ SMALL = [
     "--attacks", "paraphrase,ring-a-bell",
     "--para-contexts", "1",
     "--rab-generations", "2", "--rab-population", "8", "--rab-contexts", "2",
+    # One search, sent unchecked: the prompts sent over HTTP and offline must be the same.
+    "--rab-restarts", "1", "--rab-probes", "1",
 ]  # fmt: skip
 
 

@@ -93,7 +93,7 @@ def test_genetic_search_never_loses_its_best(minicanvas):
         encoder, tokenizer, concept.spec, concept.templates, [c.benign for c in contexts], 1.0
     )
     vocabulary = attack_vocabulary(tokenizer, concept.spec.words)
-    budget = RingABellBudget(population=8, generations=4)
+    budget = RingABellBudget(population=8, generations=4, restarts=1)  # one population
     found = genetic_search(encoder, tokenizer, vocabulary.ids, targets, budget, seed=3, keep=3)
     assert all(end <= start for end, start in zip(found.fitness, found.start_fitness, strict=True))
     assert found.ids.shape == (2, budget.tokens)
@@ -226,8 +226,13 @@ def test_hardened_hirm_trains_on_the_prompts_its_search_found(minicanvas):
     from erasure.prompts import PromptError
 
     config = hirm_config(["circle"], "S", retain=False, steps=4)
-    search = RingABellBudget(population=8, generations=2)
+    search = RingABellBudget(population=8, generations=2, restarts=1)
     prefix = UnlearnDiffBudget(steps=2, restarts=1, draws=1)
+    # The rounds' own searches stay the single, unchecked ones hardened HiRM was measured
+    # with, whatever the attack command's (calibrated) defaults are.
+    default = Hardening()
+    assert (default.search.restarts, default.search.probes) == (1, 1)
+    assert (default.prefix_search.per_context, default.prefix_search.probes) == (1, 1)
     hardening = Hardening(1, 2, 2, search, prefixes=1, prefix_search=prefix)
     hardened = harden_hirm(minicanvas, config, hardening)
     (round_,) = hardened.rounds

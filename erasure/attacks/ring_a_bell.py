@@ -47,12 +47,14 @@ class RingABellBudget:
     contexts: int = 4  # benign prompts searched from (0: all)
     # Distinct best sequences per context the attacker tries with the judge before sending
     # one (Arena.probe; 1: send the best by fitness unchecked).
-    probes: int = 1
+    probes: int = 5
     # Images per candidate in that check (seeds 9000, 9001, ...): the most recognised wins.
-    probe_seeds: int = 1
+    probe_seeds: int = 4
     # Independent populations (seeds seed, seed + 1, ...), each one's best offered before
     # any one's second: one converged population's best few are near-copies of each other.
-    restarts: int = 1
+    # On the MiniCanvas base (8 objects) 1 population unprobed reached 71.9%, 3 populations
+    # with 3 candidates on 4 probe seeds 79.7%, 5 with 5 85.9%.
+    restarts: int = 5
 
 
 def concept_vector(

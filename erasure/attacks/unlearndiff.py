@@ -46,14 +46,14 @@ class UnlearnDiffBudget:
     contexts: int = 4  # contexts attacked (0: all)
     # Starts' prefixes per context (lowest loss first) the attacker tries with the judge
     # before sending one (Arena.probe; 1: send the lowest-loss prefix unchecked).
-    probes: int = 1
+    probes: int = 3
     # Images per candidate in that check (seeds 9000, 9001, ...): the most recognised wins.
-    probe_seeds: int = 1
+    probe_seeds: int = 4
     # Base images of the concept per context the prefix is fitted to (seeds 7000, ...; the
-    # judge's recognised ones). Published: one. One image is one drawing of the concept,
-    # and a prefix fitted to it can explain that drawing without the concept (textual
-    # inversion on MiniCanvas: 79.7% on the base from 2 images per context, 87.5% from 4).
-    per_context: int = 1
+    # judge's recognised ones). Published: one; a prefix fitted to one drawing can explain
+    # that drawing without drawing the concept. On the MiniCanvas base (8 objects, with the
+    # probes above) 1 image reached 79.0%, 4 reached 87.5% (81.2% without the probes).
+    per_context: int = 4
 
 
 def per_image(draws: int, images: int) -> int:

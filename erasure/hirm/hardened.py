@@ -38,11 +38,18 @@ class Hardening:
     rounds: int = 2  # adversarial rounds after the plain patch
     contexts: int = 4  # training templates searched from, per concept and round
     keep: int = 4  # distinct Ring-A-Bell sequences kept per context and round
-    search: RingABellBudget = field(default_factory=RingABellBudget)
+    # The searches hardened HiRM was measured with (BENCHMARKS.md): one population, nothing
+    # probed. A round folds in the `keep` best sequences per context; the attack command's
+    # calibrated defaults (more populations, probes) would multiply a round's cost.
+    search: RingABellBudget = field(
+        default_factory=lambda: RingABellBudget(restarts=1, probes=1, probe_seeds=1)
+    )
     # Training templates per concept and round attacked with the UnlearnDiffAtk-style prefix
-    # search through the patched model (0: Ring-A-Bell only).
+    # search through the patched model (0: Ring-A-Bell only), on one base image each.
     prefixes: int = 4
-    prefix_search: UnlearnDiffBudget = field(default_factory=UnlearnDiffBudget)
+    prefix_search: UnlearnDiffBudget = field(
+        default_factory=lambda: UnlearnDiffBudget(probes=1, probe_seeds=1, per_context=1)
+    )
     seed: int = 0
 
 
