@@ -75,6 +75,8 @@ def test_joining_refuses_overlaps_and_other_settings(runs, tmp_path, capsys):
     assert "different attack settings" in capsys.readouterr().err
 
 
-def test_an_unknown_object_is_refused(capsys):
+def test_an_unknown_object_or_attack_is_refused(capsys):
     assert calibrate("--objects", "circle,banana") == 2
-    assert "MiniCanvas objects" in capsys.readouterr().err
+    assert "unknown object 'banana'" in capsys.readouterr().err
+    assert calibrate("--objects", "circle", "--attacks", "ring-a-bell,guessing") == 2
+    assert "unknown attack 'guessing'" in capsys.readouterr().err

@@ -131,14 +131,18 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     from bench.minicanvas.sweep_attacks import SweepAttacks
     from bench.minicanvas.world import OBJECTS
+    from erasure.attacks.runner import attack_names
 
     objects = [o.strip() for o in args.objects.split(",") if o.strip()]
     unknown = [o for o in objects if o not in OBJECTS]
     if unknown or not objects:
-        raise ValueError(f"objects must be MiniCanvas objects ({', '.join(OBJECTS)})")
+        named = f"unknown object {unknown[0]!r}" if unknown else "no objects"
+        raise ValueError(f"{named}: the MiniCanvas objects are {', '.join(OBJECTS)}")
+    attack_names(args.attacks)  # refused before the model loads
     model = Path(args.model)
     pipe = StableDiffusionPipeline.from_pretrained(model, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
+    # The base rows are measured here, never kept in or read from a sweep's cache.
     args.method, args.cache = "calibration", None
     sweep = SweepAttacks.from_args(args, model)
     config = sweep.suite.record()
@@ -155,10 +159,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from erasure.attacks.tokens import AttackSetupError
+
     args = _parser().parse_args(argv)
     try:
         result = merge(args.merge) if args.merge else measure(args)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, AttackSetupError) as error:
         print(f"conceptguard bench attack-calibration: {error}", file=sys.stderr)
         return 2
     _write(args.json_out, result)
