@@ -163,10 +163,13 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     try:
-        result = merge(args.merge) if args.merge else measure(args)
+        if args.merge:
+            result = merge(args.merge)
+            _write(args.json_out, result)
+        else:
+            result = measure(args)  # writes the JSON after every object itself
     except (ValueError, OSError, AttackSetupError) as error:
         print(f"conceptguard bench attack-calibration: {error}", file=sys.stderr)
         return 2
-    _write(args.json_out, result)
     print(markdown(result))
     return 0
