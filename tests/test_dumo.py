@@ -101,6 +101,23 @@ def test_training_resumes_where_it_stopped(tiny_sd, tmp_path):
         assert torch.equal(tensor, resumed[name]), name
 
 
+def test_tlmo_learns_every_timestep_bucket_and_resumes_inside_its_cycle(tiny_sd, tmp_path):
+    """A TLMO row learns only from the steps drawn in its bucket. Drawn at random, 60 steps
+    out of 25 left bucket 13 (t = 679) at its initial 1.0 in all 16 MiniCanvas patches;
+    here 4 random draws out of 4 steps missed one of the 4 buckets."""
+    config = dict(steps=2, lr=1e-2, sample_steps=4, buckets=4)  # t = 751, 501, 251, 1
+    straight = erase_dumo(tiny_sd, _config(**config, tlmo_steps=6))
+    table = torch.tensor(straight.report["tlmo"]["table"])
+    assert (table != 1.0).any(dim=1).all(), table
+    checkpoint = tmp_path / "run"
+    stopped = _config(**config, tlmo_steps=3, checkpoint=checkpoint, checkpoint_every=3)
+    erase_dumo(tiny_sd, stopped)  # stops inside TLMO's second cycle
+    resumed = _config(**config, tlmo_steps=6, checkpoint=checkpoint, checkpoint_every=3)
+    tensors = erase_dumo(tiny_sd, resumed).patch.tensors
+    for name, tensor in straight.patch.tensors.items():
+        assert torch.equal(tensor, tensors[name]), name
+
+
 def test_anchor_share_draws_states_from_the_anchored_trajectory(tiny_sd):
     plain = erase_dumo(tiny_sd, _config(steps=2, tlmo_steps=0, anchor_share=0.0)).patch
     anchored = erase_dumo(tiny_sd, _config(steps=2, tlmo_steps=0, anchor_share=1.0)).patch

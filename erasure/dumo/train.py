@@ -240,11 +240,22 @@ class _Trainer:
 
     # --- losses -------------------------------------------------------------------------
 
-    def _sample_xt(self, cond: Cond) -> tuple[torch.Tensor, torch.Tensor]:
+    def _stop(self, phase: str, step: int) -> int:
+        """The sampler step x_t is drawn at. The eraser draws it at random. TLMO learns one
+        table row per timestep bucket, each only from the steps drawn in it: 60 random
+        draws out of 25 left bucket 13 (t = 679) at its initial 1.0 in every MiniCanvas
+        patch. So TLMO walks shuffled cycles through all steps; the order comes from the
+        seed and the cycle's number, so a resumed run draws the same."""
         c = self.config
         low = int(c.t_range[0] * c.sample_steps)
         high = max(int(c.t_range[1] * c.sample_steps), low + 1)
-        stop = int(torch.randint(low, high, (1,), generator=self.generator))
+        if phase != "tlmo":
+            return int(torch.randint(low, high, (1,), generator=self.generator))
+        cycle, position = divmod(step, high - low)
+        order = torch.Generator().manual_seed(c.seed * 100_003 + cycle)
+        return low + int(torch.randperm(high - low, generator=order)[position])
+
+    def _sample_xt(self, cond: Cond, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.den.trajectory(cond, self.uncond.repeat(len(cond)), stop, self.generator)
 
     @torch.no_grad()
@@ -255,7 +266,9 @@ class _Trainer:
         finally:
             self.active = True
 
-    def _loss(self, retain: Cond | None) -> tuple[torch.Tensor, float, float | None]:
+    def _loss(
+        self, retain: Cond | None, phase: str, step: int
+    ) -> tuple[torch.Tensor, float, float | None]:
         c = self.config
         pick = torch.randint(len(self.cond), (c.batch,), generator=self.generator)
         cond = self.cond.take(pick)
@@ -264,7 +277,7 @@ class _Trainer:
         if anchored:
             rest = torch.arange(anchored, c.batch)
             path = self.reference.take(pick[:anchored]).cat(cond.take(rest))
-        latents, t = self._sample_xt(path)
+        latents, t = self._sample_xt(path, self._stop(phase, step))
         reference = self._base(latents, t, self.reference.take(pick))
         target = reference - c.eta * (self._base(latents, t, cond) - reference)
         loss = F.mse_loss(self.den.predict(latents, t, cond), target)
@@ -293,7 +306,7 @@ class _Trainer:
             total=steps,
         )
         for step in bar:
-            loss, erase, kept = self._loss(retain)
+            loss, erase, kept = self._loss(retain, name, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
