@@ -21,6 +21,25 @@ from patches.targets import block_parameter_names
 
 torch.set_num_threads(1)
 
+# The README's test command runs whole files on every core (-n auto --dist loadfile); a
+# long file handed out last keeps the run waiting for one worker, so the longest files
+# (measured with --durations on two cores, 2026-12-01) start first. Others keep their order.
+LONGEST_FIRST = (
+    "test_gpu_suite.py",
+    "test_erase_defaults.py",
+    "test_erasure_scores.py",
+    "test_serve.py",
+    "test_minicanvas_model.py",
+    "test_pg_registry.py",
+    "test_server.py",
+    "test_registry.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory):
