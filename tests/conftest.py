@@ -24,6 +24,8 @@ torch.set_num_threads(1)
 # The README's test command runs whole files on every core (-n auto --dist loadfile); a
 # long file handed out last keeps the run waiting for one worker, so the longest files
 # (measured with --durations on two cores, 2026-12-01) start first. Others keep their order.
+# xdist would re-sort files by their number of tests: the command turns that off
+# (--no-loadscope-reorder); with it the 4.5-minute gpu-suite test started last.
 LONGEST_FIRST = (
     "test_gpu_suite.py",
     "test_erase_defaults.py",
