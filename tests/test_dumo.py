@@ -104,14 +104,14 @@ def test_training_resumes_where_it_stopped(tiny_sd, tmp_path):
 def test_tlmo_learns_every_timestep_bucket_and_resumes_inside_its_cycle(tiny_sd, tmp_path):
     """A TLMO row learns only from the steps drawn in its bucket. Drawn at random, 60 steps
     out of 25 left bucket 13 (t = 679) at its initial 1.0 in all 16 MiniCanvas patches;
-    here 4 random draws out of 4 steps missed one of the 4 buckets."""
+    here 6 random draws over 4 steps left bucket 0 at 1.0."""
     config = dict(steps=2, lr=1e-2, sample_steps=4, buckets=4)  # t = 751, 501, 251, 1
     straight = erase_dumo(tiny_sd, _config(**config, tlmo_steps=6))
     table = torch.tensor(straight.report["tlmo"]["table"])
     assert (table != 1.0).any(dim=1).all(), table
     checkpoint = tmp_path / "run"
     stopped = _config(**config, tlmo_steps=3, checkpoint=checkpoint, checkpoint_every=3)
-    erase_dumo(tiny_sd, stopped)  # stops inside TLMO's second cycle
+    erase_dumo(tiny_sd, stopped)  # stops inside TLMO's first cycle; the resumed run ends it
     resumed = _config(**config, tlmo_steps=6, checkpoint=checkpoint, checkpoint_every=3)
     tensors = erase_dumo(tiny_sd, resumed).patch.tensors
     for name, tensor in straight.patch.tensors.items():
